@@ -1,0 +1,5 @@
+import sys
+
+from lmstack.cli import main
+
+sys.exit(main())

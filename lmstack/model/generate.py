@@ -13,17 +13,31 @@ import torch
 from lmstack.model.cache import StaticCache
 
 
-def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits per row (ties at the boundary are kept), -inf elsewhere."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+def top_k_mask(logits: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """Keep the k largest logits per row (ties at the boundary are kept), -inf elsewhere.
+
+    k: one int for every row, or a (B,) long tensor with one k per row of (B, V) logits;
+    k <= 0 or k >= V keeps the whole row.
+    """
+    V = logits.shape[-1]
+    if isinstance(k, int):
+        if k <= 0 or k >= V:
+            return logits
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    else:
+        k = torch.where((k <= 0) | (k > V), V, k)
+        kth = logits.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])  # (B, 1)
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of top tokens whose probability reaches p (nucleus sampling)."""
-    if p >= 1.0:
+def top_p_mask(logits: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of top tokens whose probability reaches p (nucleus sampling).
+
+    p: one float for every row, or a (B,) tensor with one p per row of (B, V) logits.
+    """
+    if isinstance(p, torch.Tensor):
+        p = p[:, None]  # (B, 1)
+    elif p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = sorted_logits.softmax(-1)

@@ -223,8 +223,8 @@ class Transformer(nn.Module):
         pad_mask: (B, T) True for real tokens; padding is hidden from every query.
         """
         B, T = tokens.shape
-        start = cache.length if cache is not None else 0
         if positions is None:  # explicit positions are the caller's to keep in range
+            start = cache.length if cache is not None else 0
             if start + T > self.config.max_seq_len:
                 raise ValueError(f"{start + T} tokens exceed max_seq_len="
                                  f"{self.config.max_seq_len}; shorten the input")

@@ -1,0 +1,225 @@
+"""`lmstack pretrain`: train a model from scratch on token shards written by `lmstack prepare`.
+
+    lmstack pretrain --data data/stdlib --model.preset llama-10m --train.max_time_s 300 --out runs/demo
+    lmstack pretrain --config run.toml --train.optim.lr 1e-3 --resume
+
+Settings come from three places, each overriding the one before: the dataclass defaults
+(lmstack.train.TrainConfig and ModelArgs below), a --config file (TOML or YAML, nested like the
+flags: a [train.optim] table holds lr), then --section.key=value flags.
+
+OUT receives checkpoints/, metrics.jsonl, tensorboard/, loss_curve.png, tokenizer/, run_config.json
+and, at the end, hf/ (a Hugging Face model directory with the tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jsonargparse
+import yaml
+
+from lmstack.data import TokenStream, load_meta
+from lmstack.model import PRESETS, ModelConfig, Transformer
+from lmstack.model.hf import save_hf
+from lmstack.model.tokenizer import Tokenizer
+from lmstack.train import (
+    TrainConfig,
+    TrainResult,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_device,
+    train,
+)
+from lmstack.train.loop import CHECKPOINT_DIR, check_seq_len
+
+
+@dataclass
+class ModelArgs:
+    """Which model to build."""
+
+    preset: str = "llama-10m"
+    """A preset name (see `lmstack info`) or the path of a ModelConfig JSON file."""
+    overrides: dict = field(default_factory=dict)
+    """ModelConfig fields to change, e.g. '{"n_layers": 4}'; vocab_size always comes from the data."""
+
+
+@dataclass
+class PretrainArgs:
+    data: str
+    """A directory written by `lmstack prepare` (meta.json, shards, tokenizer/)."""
+    out: str = "runs/pretrain"
+    """Run directory for checkpoints, metrics, plots and the final HF export."""
+    resume: bool = False
+    """--resume / --no_resume (defined on the parser, so that a bare --resume works)."""
+    model: ModelArgs = field(default_factory=ModelArgs)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = parse_args(argv)
+        pretrain(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"lmstack pretrain: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ----------------------------------------------------------------------------- settings
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, jsonargparse.DefaultHelpFormatter):
+    """Keeps the module docstring's line breaks in --help."""
+
+
+def parse_args(argv: list[str]) -> PretrainArgs:
+    """Defaults < --config file < flags, whatever order they are given in."""
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = jsonargparse.ArgumentParser(prog="lmstack pretrain", description=__doc__,
+                                         formatter_class=_HelpFormatter, exit_on_error=False)
+    parser.add_argument("--config", type=str, default=None,
+                        help="a .toml / .yaml file of settings; flags override it")
+    parser.add_argument("--resume", action=jsonargparse.ActionYesNo, default=False,
+                        help="continue from the newest valid checkpoint in OUT/checkpoints "
+                             "(start fresh if there is none)")
+    parser.add_class_arguments(PretrainArgs, nested_key=None, skip={"resume"})
+    config_path, argv = _pop_config(argv)
+    if config_path is not None:
+        _apply_config_file(parser, config_path)
+    try:
+        ns = parser.parse_args(argv)
+    except jsonargparse.ArgumentError as e:
+        raise ValueError(str(e)) from None
+    ns = parser.instantiate(ns)
+    return PretrainArgs(**{f.name: ns[f.name] for f in dataclasses.fields(PretrainArgs)})
+
+
+def _pop_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    rest, path = [], None
+    args = iter(argv)
+    for arg in args:
+        if arg == "--config":
+            path = next(args, None)
+            if path is None:
+                raise ValueError("--config needs a file path")
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return path, rest
+
+
+def load_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    if path.suffix == ".toml":
+        return tomllib.loads(path.read_text())
+    if path.suffix in (".yaml", ".yml"):
+        return yaml.safe_load(path.read_text()) or {}
+    raise ValueError(f"--config {path}: use a .toml, .yaml or .yml file")
+
+
+def _apply_config_file(parser: jsonargparse.ArgumentParser, path: str) -> None:
+    """The file's values become the parser's defaults, so any flag still wins."""
+    defaults = parser.get_defaults()
+    for key, value in _flatten(load_config_file(path), defaults).items():
+        try:
+            parser.set_defaults({key: value})
+        except KeyError:
+            raise ValueError(f"--config {path}: unknown setting {key!r}; "
+                             "`lmstack pretrain --help` lists them") from None
+
+
+def _flatten(d: dict, defaults, prefix: str = "") -> dict:
+    """{"train": {"optim": {"lr": 1}}} -> {"train.optim.lr": 1}; dict-valued settings (such as
+    model.overrides) stay whole."""
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(defaults.get(name), jsonargparse.Namespace):
+            out.update(_flatten(value, defaults, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def model_config(args: ModelArgs, vocab_size: int) -> ModelConfig:
+    if args.preset in PRESETS:
+        base = ModelConfig.from_preset(args.preset).to_dict()
+    elif Path(args.preset).is_file():
+        base = ModelConfig.load(args.preset).to_dict()
+    else:
+        raise ValueError(f"--model.preset={args.preset!r} is neither a preset "
+                         f"({', '.join(PRESETS)}) nor a ModelConfig JSON file")
+    return ModelConfig.from_dict({**base, **args.overrides, "vocab_size": vocab_size})
+
+
+# ----------------------------------------------------------------------------- the run
+
+def pretrain(args: PretrainArgs) -> TrainResult:
+    """Data -> model -> train loop -> final checkpoint, HF export and summary."""
+    cfg, out = args.train, Path(args.out)
+    meta = load_meta(args.data)
+    resume_from = _resume_point(out, args.resume)
+    device = resolve_device(cfg.device)
+    model = Transformer.build(model_config(args.model, meta["vocab_size"]), device=device,
+                              seed=cfg.seed)
+    check_seq_len(model, cfg.seq_len)
+    batches = TokenStream(args.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    val_batches = _val_batches(args, meta)
+    tokenizer = Tokenizer.load(Path(args.data) / "tokenizer")
+    _write_run_files(out, args, tokenizer)
+    print(f"model: {model.num_params():,} parameters on {device}; out: {out}")
+    result = train(model, batches, cfg, out_dir=out, val_batches=val_batches,
+                   resume_from=resume_from)
+    save_hf(model, out / "hf")
+    tokenizer.save(out / "hf")
+    _print_summary(result, out)
+    return result
+
+
+def _resume_point(out: Path, resume: bool) -> Path | None:
+    ckpts = out / CHECKPOINT_DIR
+    if not resume:
+        if list_checkpoints(ckpts):
+            raise ValueError(f"{out} already holds checkpoints; pass --resume to continue "
+                             "that run, or choose another --out")
+        return None
+    path = latest_checkpoint(ckpts)
+    print(f"resuming from {path}" if path else f"no checkpoint in {ckpts}; starting from step 0")
+    return path
+
+
+def _val_batches(args: PretrainArgs, meta: dict) -> list | None:
+    """The first eval.batches windows of the val split, in order: the same every evaluation."""
+    cfg = args.train
+    val_tokens = sum(s["tokens"] for s in meta["splits"].get("val", {}).get("shards", []))
+    if val_tokens <= cfg.seq_len:
+        print(f"warning: the val split has {val_tokens} tokens (< seq_len + 1); no evaluation")
+        return None
+    stream = TokenStream(args.data, "val", cfg.batch_size, cfg.seq_len, seed=cfg.seed,
+                         mode="sequential")
+    return [stream.next_batch() for _ in range(cfg.eval.batches)]
+
+
+def _write_run_files(out: Path, args: PretrainArgs, tokenizer: Tokenizer) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2) + "\n")
+    tokenizer.save(out / "tokenizer")
+
+
+def _print_summary(result: TrainResult, out: Path) -> None:
+    loss = f"{result.losses[-1]:.4f}" if result.losses else "n/a (no steps run)"
+    print(f"step {result.step}: train loss {loss}", end="")
+    if result.val_loss is not None:
+        print(f", val loss {result.val_loss:.4f}, val perplexity {result.val_ppl:.2f}", end="")
+    print(f"\ncheckpoint: {result.checkpoint}\nHF model:   {out / 'hf'}")
+    if (out / "loss_curve.png").exists():
+        print(f"loss curve: {out / 'loss_curve.png'}")
+

@@ -1,0 +1,98 @@
+"""`lmstack sample`: continue a prompt with a trained checkpoint.
+
+    lmstack sample runs/demo --prompt "def fib(n):" --max_new_tokens 200 --temperature 0.8
+
+CHECKPOINT is a checkpoint directory, or a run directory (its newest valid checkpoint is used).
+The tokenizer is the run's tokenizer/ unless --tokenizer names another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonargparse
+
+from lmstack.model import generate
+from lmstack.model.tokenizer import Tokenizer
+from lmstack.train import latest_checkpoint, load_model, resolve_device
+from lmstack.train.checkpoint import MODEL_FILE
+from lmstack.train.loop import CHECKPOINT_DIR
+
+
+@dataclass
+class SampleArgs:
+    prompt: str = ""
+    """Text to continue; empty starts a fresh document (after an end-of-text token)."""
+    num_samples: int = 1
+    """Independent continuations of the prompt, sampled as one batch."""
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    """0 is greedy decoding."""
+    top_k: int = 50
+    """Sample among the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Sample among the most likely tokens holding this much probability (1: all)."""
+    seed: int = 0
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
+    tokenizer: str | None = None
+    """Tokenizer directory (default: the run's tokenizer/)."""
+
+
+def main(argv: list[str]) -> int:
+    parser = jsonargparse.ArgumentParser(prog="lmstack sample", description=__doc__,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                                         exit_on_error=False)
+    parser.add_argument("checkpoint", type=str, help="a checkpoint or run directory")
+    parser.add_class_arguments(SampleArgs, nested_key=None)
+    try:
+        ns = parser.parse_args(argv)
+        texts = sample(ns.checkpoint, SampleArgs(**{k: v for k, v in ns.items() if k != "checkpoint"}))
+    except (jsonargparse.ArgumentError, ValueError, FileNotFoundError) as e:
+        print(f"lmstack sample: error: {e}", file=sys.stderr)
+        return 2
+    for i, text in enumerate(texts):
+        if i:
+            print("-" * 40)
+        print(text)
+    return 0
+
+
+def sample(checkpoint: str | Path, args: SampleArgs) -> list[str]:
+    """Prompt + continuation texts, one per sample."""
+    if args.num_samples < 1:
+        raise ValueError(f"--num_samples={args.num_samples} must be >= 1")
+    ckpt = find_checkpoint(checkpoint)
+    tokenizer = Tokenizer.load(args.tokenizer or find_tokenizer(ckpt))
+    model = load_model(ckpt, resolve_device(args.device))
+    stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    prompt = tokenizer.encode(args.prompt) if args.prompt else stop[:1]
+    if not prompt:
+        raise ValueError("--prompt is empty and the tokenizer has no end-of-text token to start "
+                         "from; give a prompt")
+    outs = generate(model, [prompt] * args.num_samples, args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    stop_tokens=stop, seed=args.seed)
+    return [args.prompt + tokenizer.decode(out, skip_special_tokens=True) for out in outs]
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / MODEL_FILE).is_file():
+        return path
+    found = latest_checkpoint(path / CHECKPOINT_DIR)
+    if found is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint (no {MODEL_FILE}) nor a run "
+                                f"directory with checkpoints in {path / CHECKPOINT_DIR}")
+    return found
+
+
+def find_tokenizer(ckpt: Path) -> Path:
+    """RUN/tokenizer for RUN/checkpoints/step_N (or a tokenizer/ next to the checkpoint)."""
+    for folder in (ckpt, ckpt.parent, ckpt.parent.parent):
+        if (folder / "tokenizer" / "tokenizer.json").is_file():
+            return folder / "tokenizer"
+    raise FileNotFoundError(f"no tokenizer/ found next to or above {ckpt}; pass --tokenizer DIR")

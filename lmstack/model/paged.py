@@ -7,7 +7,8 @@ one step's rows into tensors and implements the model's cache protocol over the 
 Attention is plain PyTorch: new keys/values are scattered into the pool at their slots, then each
 row's keys/values are gathered back by its block table into a padded (B, Hkv, S, D) tensor that
 SDPA reads with a (B, 1, T, S) boolean mask. Shapes: B rows, T new tokens (padded), S key slots
-(the longest context in the step, padded), Hkv key/value heads, D head_dim, P pool slots.
+(the longest context in the step, rounded up to whole blocks), Hkv key/value heads, D head_dim,
+P pool slots.
 """
 
 from __future__ import annotations
@@ -70,12 +71,13 @@ class AttnMetadata:
     """(N,) long: indices into the flattened (B * T) new tokens that are real."""
     slot_mapping: torch.Tensor
     """(N,) long: pool slot each real new token's key/value is written to."""
-    key_slots: torch.Tensor
-    """(B, S) long: pool slot of each key position; padded positions point at slot 0 (masked)."""
+    key_blocks: torch.Tensor
+    """(B, S / block_size) long: each row's block table padded with block 0 (masked out)."""
     attn_mask: torch.Tensor
     """(B, 1, T, S) bool: True where a query may attend a key."""
     fresh: bool = False
-    """Every row starts at position 0, so the new keys are the whole context: skip the gather."""
+    """Every row starts at position 0, so the new keys are the whole context: skip the gather
+    (then S = T, not a whole number of blocks)."""
 
     def mask(self, T: int, pad_mask: torch.Tensor | None) -> torch.Tensor:
         """The step's mask; padding is already known from query_lens, so pad_mask is ignored."""
@@ -93,8 +95,12 @@ class AttnMetadata:
             pool.index_copy_(0, self.slot_mapping, rows.to(pool.dtype))
         if self.fresh:
             return k, v
-        # (B, S, Hkv, D) -> (B, Hkv, S, D)
-        return pool_k[self.key_slots].transpose(1, 2), pool_v[self.key_slots].transpose(1, 2)
+        # whole blocks: index_select of contiguous (block_size, Hkv, D) chunks is several times
+        # faster than gathering single slots
+        blocks = self.key_blocks.flatten()
+        k_all = self.kv.k[layer].index_select(0, blocks).view(B, -1, Hkv, D)  # (B, S, Hkv, D)
+        v_all = self.kv.v[layer].index_select(0, blocks).view(B, -1, Hkv, D)
+        return k_all.transpose(1, 2), v_all.transpose(1, 2)  # (B, Hkv, S, D)
 
     def advance(self, T: int) -> None:
         """Nothing to do: the scheduler tracks how many tokens each sequence has computed."""
@@ -116,21 +122,20 @@ def prepare_step(kv: PagedKVCache, rows: list[Row], device: torch.device | str
     q_lens = torch.tensor([len(r[0]) for r in rows])
     computed = torch.tensor([r[2] for r in rows])
     ctx_lens = computed + q_lens
-    B, T, S = len(rows), int(q_lens.max()), int(ctx_lens.max())
+    B, T = len(rows), int(q_lens.max())
+    fresh = bool((computed == 0).all())  # the new keys are the whole context: no gather
+    S = T if fresh else -(-int(ctx_lens.max()) // bs) * bs  # key slots, whole blocks
     valid = torch.arange(T)[None, :] < q_lens[:, None]  # (B, T)
     tokens = torch.zeros(B, T, dtype=torch.long)
     tokens[valid] = torch.tensor([t for r in rows for t in r[0]], dtype=torch.long)
-    tables = _pad_tables([r[1] for r in rows], -(-S // bs))  # (B, blocks)
-    key_pos = torch.arange(S)
-    key_slots = tables[:, key_pos // bs] * bs + key_pos % bs  # (B, S)
+    tables = _pad_tables([r[1] for r in rows], -(-int(ctx_lens.max()) // bs))  # (B, blocks)
     positions = torch.minimum(computed[:, None] + torch.arange(T), ctx_lens[:, None] - 1)
-    slots = key_slots.gather(1, positions)  # (B, T)
+    slots = tables.gather(1, positions // bs) * bs + positions % bs  # (B, T)
     meta = AttnMetadata(
         kv=kv, query_lens=q_lens.to(device), context_lens=ctx_lens.to(device),
         positions=positions.to(device), new_index=valid.flatten().nonzero().squeeze(1).to(device),
-        slot_mapping=slots[valid].to(device), key_slots=key_slots.to(device),
-        attn_mask=_step_mask(positions, ctx_lens, S, kv.sliding_window).to(device),
-        fresh=bool((computed == 0).all()) and S == T)
+        slot_mapping=slots[valid].to(device), key_blocks=tables[:, : S // bs].to(device),
+        attn_mask=_step_mask(positions, ctx_lens, S, kv.sliding_window).to(device), fresh=fresh)
     return tokens.to(device), meta.positions, meta
 
 

@@ -215,12 +215,15 @@ class Transformer(nn.Module):
             self.rope_cos, self.rope_sin = rope_tables(self.config, device=self.rope_cos.device)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache=None, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache=None, pad_mask: torch.Tensor | None = None,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V).
 
         positions: (B, T) or (T,) absolute positions; default counts on from the cache length.
         cache: None (one full causal pass) or a StaticCache to read and extend.
         pad_mask: (B, T) True for real tokens; padding is hidden from every query.
+        logits_index: (B, K) positions whose logits are wanted -> logits (B, K, V); an engine
+            needs only each row's last token, and the head over every prefill token is costly.
         """
         B, T = tokens.shape
         if positions is None:  # explicit positions are the caller's to keep in range
@@ -241,6 +244,8 @@ class Transformer(nn.Module):
             x = layer(x, rope, mask, cache)
         if cache is not None:
             cache.advance(T)
+        if logits_index is not None:
+            x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, C)
         x = self.norm(x)
         if self.lm_head is None:
             return F.linear(x, self.embed_tokens.weight)

@@ -1,0 +1,69 @@
+"""Load a model (and its tokenizer) for inference from a directory on disk.
+
+Two layouts are understood, told apart by config.json:
+- a Hugging Face model directory (config.json has `model_type`): `lmstack.model.hf.load_hf`;
+- an lmstack checkpoint (config.json is a ModelConfig, weights in model.safetensors), as written
+  by training. Inference does not import the training package, so it reads the two files here.
+The tokenizer is the directory's tokenizer.json, if there is one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lmstack.model import ModelConfig, Transformer
+from lmstack.model.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r}: choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = None) -> Transformer:
+    """An HF model directory or an lmstack checkpoint directory -> Transformer in eval mode."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no config.json in {str(path)!r}; pass an HF model directory or an "
+                                "lmstack checkpoint directory (config.json + model.safetensors)")
+    if "model_type" in json.loads(config_file.read_text()):
+        from lmstack.model.hf import load_hf  # transformers-style directory
+
+        return load_hf(path, device=device, dtype=dtype).eval()
+    return load_checkpoint_model(path, device, dtype)
+
+
+def load_checkpoint_model(path: Path, device: torch.device | str = "cpu",
+                          dtype: torch.dtype | None = None) -> Transformer:
+    """config.json (a ModelConfig) + model.safetensors -> Transformer."""
+    from safetensors.torch import load_file
+
+    weights_file = path / "model.safetensors"
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{weights_file} not found; an lmstack checkpoint holds "
+                                "config.json and model.safetensors")
+    model = Transformer.build(ModelConfig.load(path / "config.json"), device=device)
+    missing, unexpected = model.load_state_dict(load_file(weights_file, device=str(device)),
+                                                strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights_file} does not match its config.json: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}")
+    return model.to(dtype or torch.float32).eval()
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | None:
+    """The tokenizer saved in a model directory (or a tokenizer dir / tokenizer.json), else None."""
+    path = Path(path)
+    if (path / "tokenizer.json").is_file() or (path.is_file() and path.suffix == ".json"):
+        return Tokenizer.load(path)
+    return None

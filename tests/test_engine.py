@@ -1,0 +1,359 @@
+"""The LLM engine on tiny random models (CPU): greedy invariance against the reference decoder,
+sampling functions on hand-made distributions, seeds, stop conditions, streaming, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmstack.infer import LLM, SamplingParams
+from lmstack.infer.sampling import BatchSampling, apply_penalties, min_p_mask, sample
+from lmstack.model import ModelConfig, Transformer, generate
+from lmstack.model.generate import top_k_mask, top_p_mask
+
+MAX_TOKENS = 10
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny matmuls on 2 shared cores run far faster single-threaded
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def build(preset: str, seed: int = 0) -> Transformer:
+    # a wider init than the default spreads the logits, so greedy ties are (far) rarer than fp noise
+    return Transformer.build(ModelConfig.from_preset(preset, init_std=0.1), seed=seed).eval()
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2"])
+def model(request):
+    return build(request.param)
+
+
+def mixed_prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(0, 256, (60,), generator=g).tolist()
+    other = torch.randint(0, 256, (40,), generator=g).tolist()
+    # mixed lengths; several share a long prefix with `base` (prefix caching has work to do)
+    return [base[:1], base[:19] + [3], other[:7], base[:37], base[:33] + [5, 6], other[:40],
+            base[:60], [9, 9, 9]]
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return [generate(model, [p], MAX_TOKENS)[0] for p in mixed_prompts()]
+
+
+def assert_all_free(llm: LLM) -> None:
+    assert llm.blocks.num_free_blocks == llm.blocks.num_blocks
+    assert all(r == 0 for r in llm.blocks.ref_counts) and not llm.requests
+
+
+# ----------------------------------------------------------------------------- greedy invariance
+
+ENGINES = {
+    "continuous batching": dict(),
+    "chunked prefill": dict(max_num_batched_tokens=8, max_prefill_chunk=3),
+    "no prefix caching": dict(enable_prefix_caching=False, block_size=4),
+    "two seats": dict(max_num_seqs=2, block_size=8),
+    # the longest request alone needs 18 blocks of 4: 20 blocks force preemption
+    "preemption": dict(num_blocks=20, block_size=4),
+}
+
+
+@pytest.mark.parametrize("options", ENGINES.values(), ids=ENGINES.keys())
+def test_greedy_matches_one_at_a_time_generate(model, reference, options):
+    llm = LLM(model, **options)
+    outs = llm.generate(mixed_prompts(), GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    assert all(o.finish_reason == "length" for o in outs)
+    if "num_blocks" in options:
+        assert llm.stats()["num_preemptions"] > 0
+    assert_all_free(llm)
+
+
+def test_prefix_cache_warm_equals_cold_and_hits(model, reference):
+    llm = LLM(model, block_size=4)
+    cold = llm.generate(mixed_prompts(), GREEDY)
+    hits_cold = llm.blocks.hit_tokens
+    warm = llm.generate(mixed_prompts(), GREEDY)
+    assert [o.token_ids for o in cold] == [o.token_ids for o in warm] == reference
+    assert llm.blocks.hit_tokens - hits_cold >= 100  # most prompt blocks come from the cache
+    assert sum(o.metrics.num_cached_tokens for o in warm) == llm.blocks.hit_tokens - hits_cold
+
+
+def test_requests_joining_a_running_batch(model, reference):
+    """An outer loop adds a request every step: outputs do not depend on the neighbours."""
+    llm = LLM(model, block_size=4, max_num_batched_tokens=16)
+    prompts, done = mixed_prompts(), {}
+    ids = []
+    for p in reversed(prompts):
+        ids.append(llm.add_request(p, GREEDY))
+        done.update((o.request_id, o) for o in llm.step() if o.finished)
+    while llm.has_unfinished():
+        done.update((o.request_id, o) for o in llm.step() if o.finished)
+    assert [done[i].token_ids for i in reversed(ids)] == reference
+    assert_all_free(llm)
+
+
+def test_bfloat16_engine_picks_the_argmax_up_to_rounding():
+    """bf16 kernels differ in rounding between batch shapes, so near-ties may flip; every
+    greedy pick must still be the full-sequence forward's argmax within bf16 rounding."""
+    model = build("tiny-llama")
+    llm = LLM(model, dtype="bfloat16")
+    assert llm.kv.k[0].dtype == torch.bfloat16 and llm.model.lm_head.weight.dtype == torch.bfloat16
+    prompts = mixed_prompts()
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
+    for p, o in zip(prompts, outs, strict=True):
+        logits = llm.model(torch.tensor([p + o.token_ids]))[0, len(p) - 1:-1].float()  # (8, V)
+        chosen = logits.gather(-1, torch.tensor(o.token_ids)[:, None]).squeeze(-1)
+        assert (logits.max(-1).values - chosen).max() < 0.05
+
+
+# ----------------------------------------------------------------------------- sampling functions
+
+def test_top_k_per_row_is_exact():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 2.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    out = top_k_mask(logits, torch.tensor([2, 2, 0]))
+    keep = torch.isfinite(out)
+    assert keep.tolist() == [[True, True, False, False], [False, True, True, True],  # tie kept
+                             [True, True, True, True]]
+
+
+def test_top_p_and_min_p_per_row_are_exact():
+    logits = torch.tensor([0.5, 0.25, 0.125, 0.125]).log().expand(3, 4)
+    kept = torch.isfinite(top_p_mask(logits, torch.tensor([0.5, 0.75, 0.8])))
+    assert kept.sum(-1).tolist() == [1, 2, 3]
+    kept = torch.isfinite(min_p_mask(logits, torch.tensor([0.0, 0.5, 0.6])))
+    assert kept.sum(-1).tolist() == [4, 2, 1]
+
+
+def test_penalties_on_a_hand_made_row():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    prompt = torch.tensor([[1, 0, 0, 0]])
+    output = torch.tensor([[0, 2, 0, 0]])
+    out = apply_penalties(logits, prompt, output, torch.tensor([2.0]), torch.tensor([0.25]),
+                          torch.tensor([0.5]))
+    assert out.tolist() == [[1.0, -2.0 * 2 - 0.5 * 2 - 0.25, 1.0, 0.5]]
+
+
+def test_sampled_frequencies_follow_the_masked_distribution():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04])
+    n = 20000
+    params = [SamplingParams(temperature=1.0, top_k=3)] * n
+    s = BatchSampling.from_params(params, "cpu")
+    g = torch.Generator().manual_seed(0)
+    tokens = sample(probs.log().expand(n, 5), s, [None] * n, g)
+    freq = torch.bincount(tokens, minlength=5).float() / n
+    expected = torch.tensor([0.4, 0.3, 0.2, 0.0, 0.0]) / 0.9
+    assert freq[3:].sum() == 0
+    assert torch.allclose(freq, expected, atol=0.015)
+
+
+# ----------------------------------------------------------------------------- seeds and stops
+
+def test_seeded_request_is_the_same_alone_or_in_a_batch():
+    model = build("tiny-llama")
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
+    alone = LLM(model).generate([[5, 6, 7]], p)[0].token_ids
+    others = [SamplingParams(max_tokens=12, temperature=1.0), SamplingParams(max_tokens=3, seed=7)]
+    llm = LLM(model, max_prefill_chunk=4, seed=99, num_blocks=12, block_size=4)
+    batch = llm.generate([list(range(30)), [5, 6, 7], [1, 2]], [others[0], p, others[1]])
+    assert batch[1].token_ids == alone
+    assert batch[1].metrics.num_preemptions > 0  # and a preemption in between changes nothing
+    other_seed = LLM(model).generate([[5, 6, 7]], SamplingParams(max_tokens=12, seed=4321))
+    assert other_seed[0].token_ids != alone
+
+
+class LetterTokenizer:
+    """Token t is the letter chr(97 + t % 26): every output decodes to plain ASCII."""
+
+    def __init__(self, eos_id=None):
+        self.eos_id = eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) - 97 for c in text]
+
+    def decode(self, ids, skip_special_tokens=False) -> str:
+        return "".join(chr(97 + t % 26) for t in ids)
+
+
+def test_stop_string_is_cut_and_never_streamed(model):
+    llm = LLM(model, LetterTokenizer())
+    full = llm.generate("hello", SamplingParams(max_tokens=24, temperature=0))[0]
+    stop = full.text[9:12]
+    cut = full.text.find(stop)
+    params = SamplingParams(max_tokens=24, temperature=0, stop=[stop, "zzzzzz"])
+    deltas = list(llm.stream("hello", params))
+    final = deltas[-1]
+    assert final.text == full.text[:cut] and final.finish_reason == "stop"
+    assert final.stop_reason == stop
+    assert "".join(d.delta_text for d in deltas) == final.text
+    assert sum((d.delta_token_ids for d in deltas), []) == final.token_ids
+    assert_all_free(llm)
+
+
+def test_eos_and_stop_tokens_end_generation(model):
+    llm = LLM(model, LetterTokenizer())
+    full = llm.generate("abc", SamplingParams(max_tokens=12, temperature=0))[0]
+    eos = full.token_ids[4]
+    first = full.token_ids.index(eos)
+    out = LLM(model, LetterTokenizer(eos_id=eos)).generate("abc", SamplingParams(max_tokens=12, temperature=0))[0]
+    assert out.token_ids == full.token_ids[:first + 1] and out.finish_reason == "stop"
+    assert out.text == full.text[:first]  # the EOS token is not part of the text
+    ignore = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    assert LLM(model, LetterTokenizer(eos_id=eos)).generate("abc", ignore)[0].token_ids == full.token_ids
+    by_id = llm.generate("abc", SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[eos]))[0]
+    assert by_id.token_ids == out.token_ids and by_id.stop_reason == eos
+
+
+def test_logprobs_match_the_model():
+    model = build("tiny-llama")
+    llm = LLM(model)
+    prompt = [4, 8, 15, 16, 23, 42]
+    out = llm.generate([prompt], SamplingParams(max_tokens=5, temperature=0, logprobs=3))[0]
+    logp = model(torch.tensor([prompt + out.token_ids])).float().log_softmax(-1)[0]
+    for i, lp in enumerate(out.logprobs):
+        pos = len(prompt) - 1 + i
+        assert lp.token_id == out.token_ids[i]
+        assert math.isclose(lp.logprob, logp[pos, lp.token_id].item(), abs_tol=1e-4)
+        assert list(lp.top) == logp[pos].topk(3).indices.tolist()  # greedy: top-1 is the token
+
+
+def test_timing_and_stream_early_close(model):
+    llm = LLM(model)
+    out = llm.generate([[1, 2, 3]], GREEDY)[0].metrics
+    assert out.arrival_time <= out.first_token_time <= out.finish_time
+    it = llm.stream([[1, 2, 3], [4, 5]], GREEDY)
+    next(it)
+    it.close()  # leaving early aborts what is still running
+    assert_all_free(llm)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_requests_raise_and_leave_the_engine_working(model, reference):
+    llm = LLM(model, LetterTokenizer(), num_blocks=30, block_size=4)
+    too_long = list(range(model.config.max_seq_len))
+    bad = [("", GREEDY, "empty"), ([], GREEDY, "empty"), (too_long, GREEDY, "context"),
+           ([1, 999], GREEDY, "vocabulary|token ids"), ([1, 2], SamplingParams(max_tokens=500), "blocks")]
+    for prompt, params, match in bad:
+        with pytest.raises(ValueError, match=match):
+            llm.add_request(prompt, params)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="empty"):  # one bad prompt: none of them is queued
+        llm.generate([[1, 2], []], GREEDY)
+    assert_all_free(llm)
+    rid = llm.add_request(mixed_prompts()[3], SamplingParams(max_tokens=3))
+    llm.step()
+    assert llm.abort(rid).finish_reason == "abort"
+    assert_all_free(llm)
+    outs = llm.generate(mixed_prompts(), GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    assert_all_free(llm)
+
+
+def test_abort_mid_prefill_frees_blocks_at_once(model):
+    llm = LLM(model, block_size=4, max_num_batched_tokens=8)
+    rid = llm.add_request(list(range(50)), GREEDY)
+    llm.step()
+    seq = llm.requests[rid].seq
+    assert 0 < seq.num_computed_tokens < 50 and llm.blocks.num_free_blocks < llm.blocks.num_blocks
+    llm.abort(rid)
+    assert_all_free(llm)
+    assert not llm.has_unfinished()
+
+
+# ----------------------------------------------------------------------------- loading and CLI
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """An lmstack checkpoint dir (with a trained tokenizer) and an HF dir of the same model."""
+    from safetensors.torch import save_file
+
+    from lmstack.model.hf import save_hf
+    from lmstack.model.tokenizer import Tokenizer
+
+    text = ["the quick brown fox jumps over the lazy dog", "hello world, hello engine"] * 20
+    tok = Tokenizer.train(text, vocab_size=300)
+    model = Transformer.build(ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size,
+                                                      init_std=0.1), seed=3).eval()
+    ckpt, hf = tmp_path_factory.mktemp("ckpt"), tmp_path_factory.mktemp("hf")
+    model.config.save(ckpt / "config.json")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt / "model.safetensors")
+    tok.save(ckpt)
+    save_hf(model, hf)
+    tok.save(hf)
+    return model, tok, ckpt, hf
+
+
+def test_loading_checkpoint_and_hf_dirs(model_dirs):
+    model, tok, ckpt, hf = model_dirs
+    params = SamplingParams(max_tokens=8, temperature=0)
+    want = LLM(model, tok).generate("hello world", params)[0]
+    for path in (ckpt, hf):
+        out = LLM(str(path)).generate("hello world", params)[0]
+        assert out.token_ids == want.token_ids and out.text == want.text
+
+
+def test_generate_cli_prints_json(model_dirs, capsys):
+    import json
+
+    from lmstack.cli import main
+
+    model, tok, ckpt, _ = model_dirs
+    want = LLM(model, tok).generate("the quick", SamplingParams(max_tokens=6, temperature=0))[0]
+    code = main(["generate", str(ckpt), "--prompt", "the quick", "--max_tokens", "6",
+                 "--temperature", "0", "--json", "true", "--engine.block_size", "4"])
+    assert code == 0
+    got = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert got["token_ids"] == want.token_ids and got["text"] == want.text
+    assert main(["generate", str(ckpt), "--prompt", "x", "--max_tokens", "0"]) == 2
+    assert "max_tokens" in capsys.readouterr().err
+
+
+class Int8Linear(torch.nn.Module):
+    """A stand-in for a quantized layer: int8 weight + per-row scale, no float `weight`."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        scale = w.abs().amax(1, keepdim=True) / 127
+        self.register_buffer("qweight", (w / scale).round().to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.qweight.to(x.dtype) * self.scale.to(x.dtype), self.bias)
+
+
+def test_quantized_weights_run_and_match_the_reference():
+    model = build("tiny-llama", seed=5)
+    for block in model.layers:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(block.self_attn, name, Int8Linear(getattr(block.self_attn, name)))
+    prompts = mixed_prompts()[:5]
+    ref = [generate(model, [p], 8)[0] for p in prompts]
+    outs = LLM(model, block_size=4, max_prefill_chunk=5).generate(prompts, SamplingParams(max_tokens=8, temperature=0))
+    assert [o.token_ids for o in outs] == ref
+
+
+def test_special_tokens_are_left_out_of_text_unless_asked(model_dirs):
+    from lmstack.infer.outputs import IncrementalText
+
+    tok = model_dirs[1]
+    ids = tok.encode("hello<|im_end|> world")
+    assert tok.token_to_id("<|im_end|>") in ids
+    for skip, want in ((True, "hello world"), (False, "hello<|im_end|> world")):
+        text = IncrementalText(tok, [], [], skip_special_tokens=skip)
+        for t in ids:
+            text.add(t)
+        text.flush()
+        assert text.text == want

@@ -1,0 +1,170 @@
+"""Paged attention (PagedKVCache + prepare_step) against the contiguous full forward pass."""
+
+import random
+
+import pytest
+import torch
+
+from lmstack.model import ModelConfig, Transformer
+from lmstack.model.paged import PagedKVCache, prepare_step
+
+TOL = 1e-5
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on shared cores the threads' spinning
+    makes each small op ~20x slower; restore the setting for other modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def build(preset: str, **overrides) -> Transformer:
+    return Transformer.build(ModelConfig.from_preset(preset, **overrides), seed=0).eval()
+
+
+def shuffled_tables(lengths: list[int], block_size: int, num_blocks: int, seed: int) -> list[list[int]]:
+    """Give each sequence enough blocks, drawn from a shuffled pool so tables are non-contiguous."""
+    free = list(range(num_blocks))
+    random.Random(seed).shuffle(free)
+    return [[free.pop() for _ in range(-(-n // block_size))] for n in lengths]
+
+
+@torch.no_grad()
+def run_schedule(model, seqs, schedule, block_size, seed=0, tables=None):
+    """Feed each sequence through the paged cache in the chunks `schedule` asks for.
+
+    schedule: list of steps, each a list of (sequence index, number of new tokens).
+    Returns per sequence the logits of each of its tokens, (len, V).
+    """
+    tables = tables or shuffled_tables([len(s) for s in seqs], block_size, 64, seed)
+    kv = PagedKVCache.for_model(model, num_blocks=64, block_size=block_size)
+    done = [0] * len(seqs)
+    out = [[] for _ in seqs]
+    for step in schedule:
+        rows = [(seqs[i][done[i]:done[i] + n], tables[i], done[i]) for i, n in step]
+        tokens, positions, meta = prepare_step(kv, rows, "cpu")
+        logits = model(tokens, positions, cache=meta)
+        assert torch.isfinite(logits).all()  # padded queries too
+        for b, (i, n) in enumerate(step):
+            assert int(meta.query_lens[b]) == n
+            out[i].append(logits[b, :n])
+            done[i] += n
+    assert done == [len(s) for s in seqs], "schedule must cover every token"
+    return [torch.cat(o) for o in out]
+
+
+@torch.no_grad()
+def assert_matches_full(model, seqs, got):
+    for s, logits in zip(seqs, got, strict=True):
+        ref = model(torch.tensor([s]))[0]
+        torch.testing.assert_close(logits, ref, atol=TOL, rtol=0)
+
+
+def random_seqs(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+MIXED = [  # prefill chunk of one row next to decodes of others
+    [(0, 13), (1, 4)],
+    [(0, 1), (1, 3), (2, 9)],
+    [(0, 1), (1, 1), (2, 11)],
+    [(2, 1), (0, 1), (1, 1)],
+    [(1, 1), (2, 1)],
+]
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("tiny-llama", {}),                    # GQA + RoPE
+    ("tiny-gpt2", {}),                     # MHA + learned positions
+    ("tiny-llama", {"sliding_window": 5}),  # windowed keys span several blocks
+])
+@pytest.mark.parametrize("block_size", [1, 3, 16])
+def test_mixed_prefill_and_decode_match_full_forward(preset, overrides, block_size):
+    model = build(preset, **overrides)
+    seqs = random_seqs([16, 10, 22], model.config.vocab_size)
+    assert_matches_full(model, seqs, run_schedule(model, seqs, MIXED, block_size))
+
+
+def random_schedule(lengths: list[int], rng: random.Random) -> list[list[tuple[int, int]]]:
+    """Random chunk sizes for every sequence, rows in random order, until all are consumed."""
+    left, steps = list(lengths), []
+    while any(left):
+        live = [i for i, n in enumerate(left) if n and rng.random() < 0.8] or [left.index(max(left))]
+        rng.shuffle(live)
+        step = [(i, rng.randint(1, min(left[i], 7))) for i in live]
+        for i, n in step:
+            left[i] -= n
+        steps.append(step)
+    return steps
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_schedules_and_tables(seed):
+    rng = random.Random(seed)
+    model = build("tiny-llama")
+    lengths = [rng.randint(1, 30) for _ in range(rng.randint(1, 5))]
+    seqs = random_seqs(lengths, model.config.vocab_size, seed)
+    got = run_schedule(model, seqs, random_schedule(lengths, rng), rng.choice([2, 5, 8]), seed)
+    assert_matches_full(model, seqs, got)
+
+
+def test_fresh_prefill_batch_of_different_lengths():
+    model = build("tiny-llama")
+    seqs = random_seqs([5, 12, 1], model.config.vocab_size)
+    got = run_schedule(model, seqs, [[(0, 5), (1, 12), (2, 1)]], block_size=4)
+    assert_matches_full(model, seqs, got)
+
+
+@torch.no_grad()
+def test_shared_prefix_block_is_reused():
+    """A second sequence reads the first one's full prefix block and computes only its tail."""
+    model, bs = build("tiny-llama"), 4
+    a = random_seqs([10], model.config.vocab_size)[0]
+    b = a[:8] + random_seqs([5], model.config.vocab_size, seed=1)[0]
+    kv = PagedKVCache.for_model(model, num_blocks=16, block_size=bs)
+    table_a, table_b = [7, 2, 11], [7, 2, 5, 9]  # first two blocks (8 tokens) shared
+    tokens, positions, meta = prepare_step(kv, [(a, table_a, 0)], "cpu")
+    model(tokens, positions, cache=meta)
+    tokens, positions, meta = prepare_step(kv, [(b[8:], table_b, 8)], "cpu")
+    logits = model(tokens, positions, cache=meta)[0]
+    torch.testing.assert_close(logits, model(torch.tensor([b]))[0, 8:], atol=TOL, rtol=0)
+
+
+def test_slot_mapping_and_positions():
+    kv = PagedKVCache(1, num_blocks=8, block_size=4, n_kv_heads=1, head_dim=2)
+    tokens, positions, meta = prepare_step(kv, [([5, 6, 7], [3, 6], 3), ([9], [1], 0)], "cpu")
+    assert tokens.tolist() == [[5, 6, 7], [9, 0, 0]]
+    assert positions.tolist() == [[3, 4, 5], [0, 0, 0]]  # padding repeats the last real position
+    assert meta.slot_mapping.tolist() == [3 * 4 + 3, 6 * 4 + 0, 6 * 4 + 1, 1 * 4 + 0]
+    assert meta.context_lens.tolist() == [6, 1]
+    assert meta.attn_mask.shape == (2, 1, 3, 8)  # keys in whole blocks: 6 tokens -> 2 blocks
+    assert meta.key_blocks.tolist() == [[3, 6], [1, 0]]
+    assert meta.attn_mask[0, 0].sum(-1).tolist() == [4, 5, 6]
+    assert meta.attn_mask[1, 0, :, 1:].sum() == 0  # row 1 has one real key
+
+
+def test_errors():
+    kv = PagedKVCache(1, num_blocks=4, block_size=4, n_kv_heads=1, head_dim=2)
+    with pytest.raises(ValueError, match="cannot hold"):
+        prepare_step(kv, [([1, 2, 3], [0], 3)], "cpu")
+    with pytest.raises(ValueError, match="block ids"):
+        prepare_step(kv, [([1], [4], 0)], "cpu")
+    with pytest.raises(ValueError, match="new token"):
+        prepare_step(kv, [([], [0], 0)], "cpu")
+    with pytest.raises(ValueError, match="at least one row"):
+        prepare_step(kv, [], "cpu")
+
+
+def test_blocks_for_budget():
+    model = build("tiny-llama")
+    per_token = model.kv_bytes_per_token()  # 2 * 2 layers * 2 heads * 16 dims * 4 bytes
+    assert PagedKVCache.blocks_for_budget(model, per_token * 16 * 10 + 5, block_size=16) == 10
+    kv = PagedKVCache.for_model(model, num_blocks=10, block_size=16)
+    pool_bytes = sum(t.numel() * t.element_size() for t in kv.k + kv.v)
+    assert pool_bytes == per_token * 16 * 10
+    with pytest.raises(ValueError, match="budget"):
+        PagedKVCache.blocks_for_budget(model, per_token, block_size=16)

@@ -21,3 +21,22 @@ def test_info_reports_gpt2_parameter_count():
     out = subprocess.run([sys.executable, "-m", "lmstack", "info", "gpt2-124m"],
                          capture_output=True, text=True, check=True).stdout
     assert "124,439,808" in out
+
+
+def test_demo_runs_end_to_end_on_a_small_budget(tmp_path, capsys):
+    """The main job's plumbing: prepare -> pretrain -> baseline report -> HF export -> samples."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main(["demo", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                   "--max-mb", "0.3", "--vocab-size", "400", "--preset", "tiny-llama",
+                   "--budget-s", "3", "--batch-size", "4", "--seq-len", "64", "--samples", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "unigram baseline:" in out and "sample 1" in out
+    assert (tmp_path / "run" / "hf" / "config.json").exists()
+    assert (tmp_path / "run" / "loss_curve.png").exists()

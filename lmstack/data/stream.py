@@ -81,6 +81,10 @@ class TokenStream:
         windows = np.arange(first, first + self.global_batch) % self.windows_per_epoch
         return windows * self.seq_len
 
+    def all_tokens(self) -> np.ndarray:
+        """Every token of the split in order (for statistics such as a unigram baseline)."""
+        return self._read(0, self.num_tokens)
+
     def _read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the split, across shard boundaries."""
         parts = []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lmstack.model import ModelConfig, Transformer
+from lmstack.model import Transformer, weights
 from lmstack.model.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,25 +40,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
         from lmstack.model.hf import load_hf  # transformers-style directory
 
         return load_hf(path, device=device, dtype=dtype).eval()
-    return load_checkpoint_model(path, device, dtype)
+    return weights.load_model(path, device, dtype)
 
 
-def load_checkpoint_model(path: Path, device: torch.device | str = "cpu",
-                          dtype: torch.dtype | None = None) -> Transformer:
-    """config.json (a ModelConfig) + model.safetensors -> Transformer."""
-    from safetensors.torch import load_file
-
-    weights_file = path / "model.safetensors"
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"{weights_file} not found; an lmstack checkpoint holds "
-                                "config.json and model.safetensors")
-    model = Transformer.build(ModelConfig.load(path / "config.json"), device=device)
-    missing, unexpected = model.load_state_dict(load_file(weights_file, device=str(device)),
-                                                strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{weights_file} does not match its config.json: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}")
-    return model.to(dtype or torch.float32).eval()
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:

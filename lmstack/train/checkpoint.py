@@ -30,10 +30,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmstack.model import ModelConfig, Transformer
+from lmstack.model import ModelConfig, Transformer, weights
+from lmstack.model.weights import CONFIG_FILE, MODEL_FILE
 
-MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.safetensors"
-STATE_FILE, CONFIG_FILE = "trainer_state.json", "config.json"
+OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "trainer_state.json"
 FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE)
 _NAME = re.compile(r"step_(\d{8})")
 
@@ -234,18 +234,13 @@ def load_checkpoint(path: str | Path, model: nn.Module,
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
-    weights = load_file(Path(path) / MODEL_FILE)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{Path(path) / MODEL_FILE} does not match the model: missing "
-                              f"{missing[:8]}, unexpected {unexpected[:8]}; was it saved from a "
-                              "different model config?")
+    try:
+        weights.load_weights(model, Path(path) / MODEL_FILE)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> Transformer:
     """A Transformer built from a checkpoint's config.json and weights (for sampling)."""
-    path = Path(path)
     validate_checkpoint(path)
-    model = Transformer.build(ModelConfig.load(path / CONFIG_FILE), device=device)
-    load_weights(model, path)
-    return model.eval()
+    return weights.load_model(path, device)

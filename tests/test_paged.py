@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmstack.model import ModelConfig, Transformer
-from lmstack.model.paged import PagedKVCache, prepare_step
+from lmstack.model.paged import PagedKVCache, last_token_logits, prepare_step, split_decodes
 
 TOL = 1e-5
 
@@ -33,7 +33,7 @@ def shuffled_tables(lengths: list[int], block_size: int, num_blocks: int, seed: 
 
 
 @torch.no_grad()
-def run_schedule(model, seqs, schedule, block_size, seed=0, tables=None):
+def run_schedule(model, seqs, schedule, block_size, seed=0, tables=None, pack=False):
     """Feed each sequence through the paged cache in the chunks `schedule` asks for.
 
     schedule: list of steps, each a list of (sequence index, number of new tokens).
@@ -45,12 +45,15 @@ def run_schedule(model, seqs, schedule, block_size, seed=0, tables=None):
     out = [[] for _ in seqs]
     for step in schedule:
         rows = [(seqs[i][done[i]:done[i] + n], tables[i], done[i]) for i, n in step]
-        tokens, positions, meta = prepare_step(kv, rows, "cpu")
+        tokens, positions, meta = prepare_step(kv, rows, "cpu", pack=pack)
         logits = model(tokens, positions, cache=meta)
         assert torch.isfinite(logits).all()  # padded queries too
+        if not pack:
+            assert tokens.shape[0] == len(rows)
+        new = logits.flatten(0, 1)[meta.new_index].split([n for _, n in step])
         for b, (i, n) in enumerate(step):
             assert int(meta.query_lens[b]) == n
-            out[i].append(logits[b, :n])
+            out[i].append(new[b])
             done[i] += n
     assert done == [len(s) for s in seqs], "schedule must cover every token"
     return [torch.cat(o) for o in out]
@@ -83,10 +86,11 @@ MIXED = [  # prefill chunk of one row next to decodes of others
     ("tiny-llama", {"sliding_window": 5}),  # windowed keys span several blocks
 ])
 @pytest.mark.parametrize("block_size", [1, 3, 16])
-def test_mixed_prefill_and_decode_match_full_forward(preset, overrides, block_size):
+@pytest.mark.parametrize("pack", [False, True])
+def test_mixed_prefill_and_decode_match_full_forward(preset, overrides, block_size, pack):
     model = build(preset, **overrides)
     seqs = random_seqs([16, 10, 22], model.config.vocab_size)
-    assert_matches_full(model, seqs, run_schedule(model, seqs, MIXED, block_size))
+    assert_matches_full(model, seqs, run_schedule(model, seqs, MIXED, block_size, pack=pack))
 
 
 def random_schedule(lengths: list[int], rng: random.Random) -> list[list[tuple[int, int]]]:
@@ -108,15 +112,22 @@ def test_random_schedules_and_tables(seed):
     model = build("tiny-llama")
     lengths = [rng.randint(1, 30) for _ in range(rng.randint(1, 5))]
     seqs = random_seqs(lengths, model.config.vocab_size, seed)
-    got = run_schedule(model, seqs, random_schedule(lengths, rng), rng.choice([2, 5, 8]), seed)
-    assert_matches_full(model, seqs, got)
+    schedule = random_schedule(lengths, rng)
+    for pack in (False, True):
+        got = run_schedule(model, seqs, schedule, rng.choice([2, 5, 8]), seed, pack=pack)
+        assert_matches_full(model, seqs, got)
 
 
-def test_fresh_prefill_batch_of_different_lengths():
-    model = build("tiny-llama")
-    seqs = random_seqs([5, 12, 1], model.config.vocab_size)
-    got = run_schedule(model, seqs, [[(0, 5), (1, 12), (2, 1)]], block_size=4)
-    assert_matches_full(model, seqs, got)
+@pytest.mark.parametrize("pack", [False, True])
+def test_fresh_prefill_batch_of_different_lengths(pack):
+    model = build("tiny-llama", sliding_window=4)
+    seqs = random_seqs([5, 12, 1, 7, 3], model.config.vocab_size)
+    step = [(0, 5), (1, 12), (2, 1), (3, 7), (4, 3)]
+    assert_matches_full(model, seqs, run_schedule(model, seqs, [step], 4, pack=pack))
+    kv = PagedKVCache.for_model(model, num_blocks=16, block_size=4)
+    tables = shuffled_tables([5, 12, 1, 7, 3], 4, 16, seed=0)
+    tokens, _, _ = prepare_step(kv, [(s, t, 0) for s, t in zip(seqs, tables, strict=True)], "cpu", pack)
+    assert tokens.shape == ((3, 12) if pack else (5, 12))  # 12 | 7 + 5 | 3 + 1
 
 
 @torch.no_grad()
@@ -145,6 +156,38 @@ def test_slot_mapping_and_positions():
     assert meta.key_blocks.tolist() == [[3, 6], [1, 0]]
     assert meta.attn_mask[0, 0].sum(-1).tolist() == [4, 5, 6]
     assert meta.attn_mask[1, 0, :, 1:].sum() == 0  # row 1 has one real key
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+@torch.no_grad()
+def test_last_token_logits_of_mixed_steps(preset):
+    """Decodes and prefill chunks run as separate passes, the chunks packed into lanes."""
+    model = build(preset)
+    seqs = random_seqs([16, 10, 22, 5], model.config.vocab_size)
+    tables = shuffled_tables([len(s) for s in seqs], 3, 64, seed=1)
+    kv = PagedKVCache.for_model(model, num_blocks=64, block_size=3)
+    done = [0] * len(seqs)
+    for step in [*MIXED[:2], [(0, 1), (1, 1), (2, 11), (3, 5)], *MIXED[3:]]:
+        rows = [(seqs[i][done[i]:done[i] + n], tables[i], done[i]) for i, n in step]
+        got = last_token_logits(model, kv, rows, "cpu")
+        for b, (i, n) in enumerate(step):
+            done[i] += n
+            ref = model(torch.tensor([seqs[i][:done[i]]]))[0, -1]
+            torch.testing.assert_close(got[b], ref, atol=TOL, rtol=0)
+
+
+def test_packed_lanes():
+    kv = PagedKVCache(1, num_blocks=8, block_size=4, n_kv_heads=1, head_dim=2)
+    rows = [([5, 6, 7], [3, 6], 3), ([9], [1], 0), ([4, 4], [2], 0)]
+    tokens, positions, meta = prepare_step(kv, rows, "cpu", pack=True)
+    assert tokens.tolist() == [[5, 6, 7], [4, 4, 9]]  # rows 2 and 1 share the second lane
+    assert positions.tolist() == [[3, 4, 5], [0, 1, 0]]
+    assert meta.logits_index.tolist() == [[2, 2], [1, 2]]  # lane 0 has one row: padded
+    assert meta.logits_rows.tolist() == [0, 3, 2]
+    assert meta.key_blocks.tolist() == [[3, 6], [2, 1]]
+    mask = meta.attn_mask[1, 0].int().tolist()  # lane 1: keys = row 2's block, then row 1's
+    assert mask == [[1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0]]
+    assert split_decodes(rows) == [[1], [0, 2]]
 
 
 def test_errors():

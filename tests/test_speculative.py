@@ -177,3 +177,22 @@ def test_speculative_errors():
         LLM(target, speculative_model=tiny(1), num_speculative_tokens=0)
     with pytest.raises(ValueError, match="vocabulary"):
         LLM(target, speculative_model=tiny(1, vocab_size=300))
+
+
+def test_sampled_speculative_tokens_follow_the_target():
+    """Plain and speculative sampling give the same distribution of later tokens (two-sample
+    chi-square over an 8-token vocabulary, many requests in one batch)."""
+    target, draft = tiny(0, vocab_size=8), tiny(4, vocab_size=8, n_layers=1)
+    params = SamplingParams(max_tokens=4, temperature=1.0)
+    runs = []
+    for opts in ({}, {"speculative_model": draft, "num_speculative_tokens": 3}):
+        llm = LLM(target, block_size=4, max_num_seqs=512, seed=len(opts), **opts)
+        outs = llm.generate([[1, 2, 3]] * 3000, params)
+        runs.append(torch.tensor([o.token_ids for o in outs]))  # (requests, 4)
+    assert 0.05 < llm.stats()["spec_acceptance_rate"] < 0.95  # both accepts and rejections
+    for position in (1, 2, 3):  # token 0 comes from the prefill step, not from speculation
+        a, b = (torch.bincount(r[:, position], minlength=8).double() for r in runs)
+        keep = (a + b) > 0
+        stat = ((a - b)[keep] ** 2 / (a + b)[keep]).sum()
+        dof = torch.tensor(int(keep.sum()) - 1, dtype=torch.float64)
+        assert torch.special.gammaincc(dof / 2, stat / 2) > 1e-3

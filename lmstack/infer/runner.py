@@ -15,7 +15,7 @@ from lmstack.infer.outputs import TokenLogprob
 from lmstack.infer.sampling import BatchSampling, compute_logprobs, sample, token_counts
 from lmstack.infer.scheduler import ScheduledBatch
 from lmstack.infer.sequence import Sequence
-from lmstack.model.paged import PagedKVCache, prepare_step
+from lmstack.model.paged import PagedKVCache, last_token_logits
 
 
 @dataclass
@@ -46,9 +46,7 @@ class ModelRunner:
         rows = [(seq.token_slice(seq.num_computed_tokens, seq.num_computed_tokens + n),
                  seq.block_table, seq.num_computed_tokens)
                 for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True)]
-        tokens, positions, meta = prepare_step(self.kv, rows, self.device)
-        last = (meta.query_lens - 1)[:, None]  # (B, 1)
-        return self.model(tokens, positions, cache=meta, logits_index=last)[:, 0]
+        return last_token_logits(self.model, self.kv, rows, self.device)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampledToken]:

@@ -20,7 +20,7 @@ from lmstack.infer.sampling import BatchSampling, exponential_noise, min_p_mask
 from lmstack.infer.scheduler import ScheduledBatch
 from lmstack.infer.sequence import Sequence
 from lmstack.model.generate import top_k_mask, top_p_mask
-from lmstack.model.paged import PagedKVCache, prepare_step
+from lmstack.model.paged import PagedKVCache, last_token_logits, prepare_step
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -164,21 +164,20 @@ class SpeculativeDecoder:
 
     def _propose(self, seqs: list[Sequence], s: BatchSampling) -> tuple[torch.Tensor, torch.Tensor]:
         """k draft steps: draft tokens (B, k) and the draft's distributions q (B, k, V)."""
+        device = self.runner.device
         starts = [self._draft_start(seq) for seq in seqs]
         rows = [(seq.token_slice(a, seq.num_tokens), seq.block_table, a)
                 for seq, a in zip(seqs, starts, strict=True)]
-        tokens, positions, meta = prepare_step(self.draft_kv, rows, self.runner.device)
+        last = last_token_logits(self.draft, self.draft_kv, rows, device)  # (B, V)
         gens = [self.runner.generators.get(q.seq_id) for q in seqs]
         drafted, probs = [], []
         for j in range(self.k):
-            logits = self.draft(tokens, positions, cache=meta)
-            last = logits[torch.arange(len(seqs)), meta.query_lens - 1]  # (B, V)
+            if j > 0:  # feed each row its previous draft token (known only on the device)
+                rows = [([0], seq.block_table, seq.num_tokens + j - 1) for seq in seqs]
+                _, positions, meta = prepare_step(self.draft_kv, rows, device)
+                last = self.draft(drafted[-1][:, None], positions, cache=meta)[:, 0]
             probs.append(last if s.all_greedy else sampling_probs(last, s))  # greedy: unused
             drafted.append(self._draw(last, probs[-1], s, gens))
-            if j + 1 < self.k:  # the next step feeds each row its new draft token
-                rows = [([0], seq.block_table, seq.num_tokens + j) for seq in seqs]
-                _, positions, meta = prepare_step(self.draft_kv, rows, self.runner.device)
-                tokens = drafted[-1][:, None]
         return torch.stack(drafted, 1), torch.stack(probs, 1)
 
     def _draw(self, logits, probs, s: BatchSampling, gens) -> torch.Tensor:

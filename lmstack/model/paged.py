@@ -5,10 +5,11 @@ one step's rows into tensors and implements the model's cache protocol over the 
 `mask(T, pad_mask)` once, `update(layer, k, v)` per layer, `advance(T)` at the end.
 
 Attention is plain PyTorch: new keys/values are scattered into the pool at their slots, then each
-row's keys/values are gathered back by its block table into a padded (B, Hkv, S, D) tensor that
-SDPA reads with a (B, 1, T, S) boolean mask. Shapes: B rows, T new tokens (padded), S key slots
-(the longest context in the step, rounded up to whole blocks), Hkv key/value heads, D head_dim,
-P pool slots.
+lane's keys/values are gathered back by block tables into a padded (L, Hkv, S, D) tensor that
+SDPA reads with an (L, 1, T, S) boolean mask. A lane is one row of the dense batch; it holds one
+sequence, or (with `pack`) several short ones side by side, kept apart by the mask.
+Shapes: R sequences, L lanes, T new tokens per lane (padded), N real new tokens, S key slots
+(the longest lane context, in whole blocks), Hkv key/value heads, D head_dim, P pool slots.
 """
 
 from __future__ import annotations
@@ -19,14 +20,18 @@ import torch
 
 
 class PagedKVCache:
-    """Pool of fixed-size blocks per layer: k[layer], v[layer] of shape (num_blocks, block_size, Hkv, D)."""
+    """Pool of fixed-size blocks per layer: k[layer], v[layer] of shape (Hkv, num_blocks, block_size, D).
+
+    Heads first, so the keys gathered for one (sequence, head) are one contiguous (S, D) run:
+    SDPA reads that layout about twice as fast as keys with heads interleaved.
+    """
 
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int,
                  head_dim: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, sliding_window: int | None = None):
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be positive")
-        shape = (num_blocks, block_size, n_kv_heads, head_dim)
+        shape = (n_kv_heads, num_blocks, block_size, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -51,9 +56,9 @@ class PagedKVCache:
         return int(blocks)
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's keys and values as (P, Hkv, D) views, P = num_blocks * block_size."""
+        """The layer's keys and values as (Hkv, P, D) views, P = num_blocks * block_size."""
         k, v = self.k[layer], self.v[layer]
-        return k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+        return k.flatten(1, 2), v.flatten(1, 2)
 
 
 @dataclass
@@ -62,22 +67,28 @@ class AttnMetadata:
 
     kv: PagedKVCache
     query_lens: torch.Tensor
-    """(B,) long: valid new tokens per row; the row's last logits sit at query_lens - 1."""
+    """(R,) long: new tokens per sequence (R sequences, in the order of prepare_step's rows)."""
     context_lens: torch.Tensor
-    """(B,) long: tokens in the row's context after this step (computed before + new)."""
+    """(R,) long: tokens in each sequence's context after this step (computed before + new)."""
     positions: torch.Tensor
-    """(B, T) long: absolute positions; padded queries repeat the row's last valid position."""
+    """(L, T) long: absolute positions; padded queries repeat their lane's last real position."""
     new_index: torch.Tensor
-    """(N,) long: indices into the flattened (B * T) new tokens that are real."""
+    """(N,) long: where each real new token sits in the flattened (L * T) lanes, row by row."""
+    logits_index: torch.Tensor
+    """(L, K) long: columns of the last new tokens of each lane's (up to K) sequences, for
+    `Transformer.forward(logits_index=)`; padded with the lane's last column."""
+    logits_rows: torch.Tensor
+    """(R,) long: where each sequence's last-token logits sit in the flattened (L * K) result."""
     slot_mapping: torch.Tensor
     """(N,) long: pool slot each real new token's key/value is written to."""
     key_blocks: torch.Tensor
-    """(B, S / block_size) long: each row's block table padded with block 0 (masked out)."""
+    """(L, S / block_size) long: each lane's sequences' blocks one after another, padded with
+    block 0 (masked out)."""
     attn_mask: torch.Tensor
-    """(B, 1, T, S) bool: True where a query may attend a key."""
+    """(L, 1, T, S) bool: True where a query may attend a key."""
     fresh: bool = False
-    """Every row starts at position 0, so the new keys are the whole context: skip the gather
-    (then S = T, not a whole number of blocks)."""
+    """Every sequence starts at position 0, so the new keys are the whole context: skip the
+    gather (then S = T, not a whole number of blocks)."""
 
     def mask(self, T: int, pad_mask: torch.Tensor | None) -> torch.Tensor:
         """The step's mask; padding is already known from query_lens, so pad_mask is ignored."""
@@ -87,20 +98,20 @@ class AttnMetadata:
         return self.attn_mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new (B, Hkv, T, D) keys/values into the pool; return (B, Hkv, S, D) contexts."""
+        """Write the new (L, Hkv, T, D) keys/values into the pool; return (L, Hkv, S, D) contexts."""
         pool_k, pool_v = self.kv.flat(layer)
-        B, Hkv, T, D = k.shape
+        L, Hkv, T, D = k.shape
         for new, pool in ((k, pool_k), (v, pool_v)):
-            rows = new.transpose(1, 2).reshape(B * T, Hkv, D)[self.new_index]  # (N, Hkv, D)
-            pool.index_copy_(0, self.slot_mapping, rows.to(pool.dtype))
+            rows = new.transpose(0, 1).reshape(Hkv, L * T, D)[:, self.new_index]  # (Hkv, N, D)
+            pool.index_copy_(1, self.slot_mapping, rows.to(pool.dtype))
         if self.fresh:
             return k, v
-        # whole blocks: index_select of contiguous (block_size, Hkv, D) chunks is several times
+        # whole blocks: index_select of contiguous (block_size, D) chunks is several times
         # faster than gathering single slots
         blocks = self.key_blocks.flatten()
-        k_all = self.kv.k[layer].index_select(0, blocks).view(B, -1, Hkv, D)  # (B, S, Hkv, D)
-        v_all = self.kv.v[layer].index_select(0, blocks).view(B, -1, Hkv, D)
-        return k_all.transpose(1, 2), v_all.transpose(1, 2)  # (B, Hkv, S, D)
+        k_all = self.kv.k[layer].index_select(1, blocks).view(Hkv, L, -1, D)  # (Hkv, L, S, D)
+        v_all = self.kv.v[layer].index_select(1, blocks).view(Hkv, L, -1, D)
+        return k_all.transpose(0, 1), v_all.transpose(0, 1)  # (L, Hkv, S, D)
 
     def advance(self, T: int) -> None:
         """Nothing to do: the scheduler tracks how many tokens each sequence has computed."""
@@ -109,69 +120,208 @@ class AttnMetadata:
 Row = tuple[list[int], list[int], int]
 
 
-def prepare_step(kv: PagedKVCache, rows: list[Row], device: torch.device | str
-                 ) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
+def prepare_step(kv: PagedKVCache, rows: list[Row], device: torch.device | str,
+                 pack: bool = False) -> tuple[torch.Tensor, torch.Tensor, AttnMetadata]:
     """rows: one per sequence: (new_token_ids, block_table, num_computed_tokens_before_this_step).
 
-    Returns tokens (B, T) right-padded with 0, positions (B, T), and the step's AttnMetadata.
-    The new tokens' KV go to slot block_table[p // block_size] * block_size + p % block_size
-    for p = num_computed + i.
+    Returns tokens (L, T) right-padded with 0, positions (L, T), and the step's AttnMetadata.
+    Without `pack` lane b is row b (L = R), so row b's last logits are at [b, query_lens[b] - 1].
+    With `pack` short rows share lanes (first fit, longest first; a lane holds at most as many
+    tokens and key blocks as the longest row), so prompts of mixed lengths are not all padded
+    to the longest; see metadata.logits_index / logits_rows. The new tokens' KV go to
+    slot block_table[p // block_size] * block_size + p % block_size for p = num_computed + i.
     """
-    _check_rows(kv, rows)
     bs = kv.block_size
-    q_lens = torch.tensor([len(r[0]) for r in rows])
-    computed = torch.tensor([r[2] for r in rows])
-    ctx_lens = computed + q_lens
-    B, T = len(rows), int(q_lens.max())
-    fresh = bool((computed == 0).all())  # the new keys are the whole context: no gather
-    S = T if fresh else -(-int(ctx_lens.max()) // bs) * bs  # key slots, whole blocks
-    valid = torch.arange(T)[None, :] < q_lens[:, None]  # (B, T)
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    tokens[valid] = torch.tensor([t for r in rows for t in r[0]], dtype=torch.long)
-    tables = _pad_tables([r[1] for r in rows], -(-int(ctx_lens.max()) // bs))  # (B, blocks)
-    positions = torch.minimum(computed[:, None] + torch.arange(T), ctx_lens[:, None] - 1)
-    slots = tables.gather(1, positions // bs) * bs + positions % bs  # (B, T)
+    n = [len(r[0]) for r in rows]
+    computed = [r[2] for r in rows]
+    ctx = [c + k for c, k in zip(computed, n, strict=True)]
+    n_blocks = [-(-c // bs) for c in ctx]
+    _check_rows(kv, rows, n, computed, n_blocks)
+    fresh = not any(computed)  # the new keys are the whole context: no gather
+    lanes = _Lanes.pack(n, n_blocks, fresh) if pack else _Lanes.one_per_row(n, n_blocks)
+    L, T = lanes.count, lanes.width
+    # one tensor for every per-row list: building small tensors is a large part of a step
+    per_row = torch.tensor([n, computed, ctx, n_blocks, lanes.lane, lanes.tok_off,
+                            lanes.blk_off, lanes.slot])  # (8, R)
+    n_t, computed_t, ctx_t, n_blocks_t, lane, tok_off, blk_off, slot = per_row
+    row, i = _ragged(n_t)  # (N,): each new token's sequence and index within it
+    pos = computed_t[row] + i
+    new_index = lane[row] * T + tok_off[row] + i
+    key_blocks, k_row, k_pos = _lane_keys(kv, lanes, [r[1] for r in rows], n_blocks_t, lane, blk_off)
+    slots = key_blocks.flatten()[lane[row] * lanes.blocks + blk_off[row] + pos // bs] * bs + pos % bs
+    q_row, q_pos = _lane_queries(lanes, ctx_t, row, pos, new_index)
+    if fresh:  # the keys are the lanes' own new tokens; padding columns belong to no row
+        k_row = torch.full((L * T,), -1, dtype=torch.long).index_put_((new_index,), row).view(L, T)
+        k_pos = q_pos
+    tokens = torch.zeros(L * T, dtype=torch.long)
+    tokens[new_index] = torch.tensor([t for r in rows for t in r[0]], dtype=torch.long)
+    logits_index, logits_rows = _logits_at(lanes, tok_off + n_t - 1, lane, slot)
     meta = AttnMetadata(
-        kv=kv, query_lens=q_lens.to(device), context_lens=ctx_lens.to(device),
-        positions=positions.to(device), new_index=valid.flatten().nonzero().squeeze(1).to(device),
-        slot_mapping=slots[valid].to(device), key_blocks=tables[:, : S // bs].to(device),
-        attn_mask=_step_mask(positions, ctx_lens, S, kv.sliding_window).to(device), fresh=fresh)
-    return tokens.to(device), meta.positions, meta
+        kv=kv, query_lens=n_t.to(device), context_lens=ctx_t.to(device),
+        positions=q_pos.to(device), new_index=new_index.to(device),
+        logits_index=logits_index.to(device), logits_rows=logits_rows.to(device),
+        slot_mapping=slots.to(device), key_blocks=key_blocks.to(device),
+        attn_mask=_lane_mask(q_row, q_pos, k_row, k_pos, kv.sliding_window).to(device),
+        fresh=fresh)
+    return tokens.view(L, T).to(device), meta.positions, meta
 
 
-def _check_rows(kv: PagedKVCache, rows: list[Row]) -> None:
-    if not rows:
-        raise ValueError("prepare_step needs at least one row")
-    for i, (new, table, computed) in enumerate(rows):
-        if not new or computed < 0:
-            raise ValueError(f"row {i}: needs >= 1 new token and num_computed >= 0, "
-                             f"got {len(new)} tokens and num_computed={computed}")
-        if len(table) * kv.block_size < computed + len(new):
-            raise ValueError(f"row {i}: {len(table)} blocks of {kv.block_size} slots cannot hold "
-                             f"{computed + len(new)} tokens; allocate more blocks first")
-        if table and not 0 <= min(table) <= max(table) < kv.num_blocks:
-            raise ValueError(f"row {i}: block ids must lie in [0, {kv.num_blocks}), got {table}")
+@torch.no_grad()
+def last_token_logits(model: torch.nn.Module, kv: PagedKVCache, rows: list[Row],
+                      device: torch.device | str) -> torch.Tensor:
+    """Run the model over the rows' new tokens; logits (R, V) at each row's last one.
 
-
-def _pad_tables(tables: list[list[int]], width: int) -> torch.Tensor:
-    """Block tables -> (B, width) long, padded with block 0 (its slots are masked out)."""
-    width = max(width, max(len(t) for t in tables))
-    out = torch.zeros(len(tables), width, dtype=torch.long)
-    for b, t in enumerate(tables):
-        out[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+    Single-token rows and longer ones run as separate passes (see split_decodes), the longer
+    ones packed into lanes, and the head runs only at the last tokens.
+    """
+    groups = split_decodes(rows)
+    out = None
+    for group in groups:
+        tokens, positions, meta = prepare_step(kv, [rows[i] for i in group], device, pack=True)
+        logits = model(tokens, positions, cache=meta, logits_index=meta.logits_index)
+        logits = logits.flatten(0, 1)[meta.logits_rows]  # (G, V)
+        if len(groups) == 1:
+            return logits
+        if out is None:
+            out = logits.new_empty(len(rows), logits.shape[-1])
+        out[torch.tensor(group, device=device)] = logits
     return out
 
 
-def _step_mask(positions: torch.Tensor, ctx_lens: torch.Tensor, S: int,
-               window: int | None) -> torch.Tensor:
-    """(B, 1, T, S): a query sees real keys at or before its position (within the window).
+def split_decodes(rows: list[Row]) -> list[list[int]]:
+    """Row indices for separate forward passes: single-token rows, then the longer ones.
 
-    A padded query sits at its row's last real position, so it always sees itself: no query
-    has an empty softmax row and SDPA never yields NaN.
+    One dense (L, T) batch pads every lane to the longest chunk, so a step mixing a 512-token
+    prefill chunk with decodes would compute 512 positions per decode; two passes do not.
     """
-    q = positions[:, :, None]  # (B, T, 1)
-    k = torch.arange(S)[None, None, :]  # (1, 1, S)
-    allowed = (k <= q) & (k < ctx_lens[:, None, None])
+    decodes = [i for i, r in enumerate(rows) if len(r[0]) == 1]
+    others = [i for i, r in enumerate(rows) if len(r[0]) > 1]
+    return [g for g in (decodes, others) if g]
+
+
+@dataclass
+class _Lanes:
+    """Which lane (row of the dense batch) each sequence occupies, and where in it."""
+
+    lane: list[int]
+    tok_off: list[int]
+    """Column of the sequence's first new token in its lane."""
+    blk_off: list[int]
+    """Index of the sequence's first key block among its lane's key blocks."""
+    slot: list[int]
+    """How many sequences precede this one in its lane."""
+    last_row: list[int]
+    """Per lane: the sequence whose tokens end the lane (padding queries borrow its position)."""
+    width: int
+    blocks: int
+
+    @property
+    def count(self) -> int:
+        return len(self.last_row)
+
+    @classmethod
+    def one_per_row(cls, n: list[int], n_blocks: list[int]) -> _Lanes:
+        R = len(n)
+        return cls(list(range(R)), [0] * R, [0] * R, [0] * R, list(range(R)), max(n), max(n_blocks))
+
+    @classmethod
+    def pack(cls, n: list[int], n_blocks: list[int], fresh: bool) -> _Lanes:
+        """First fit, longest first. Fresh keys are the lane's own tokens, so only tokens bound
+        a lane then; otherwise its key blocks are bounded too (they set S for every lane)."""
+        width, cap = max(n), (sum(n_blocks) if fresh else max(n_blocks))
+        R = len(n)
+        out = cls([0] * R, [0] * R, [0] * R, [0] * R, [], width, 0)
+        used_t: list[int] = []
+        used_b: list[int] = []
+        open_lanes: list[int] = []  # lanes with room for another token
+        for r in sorted(range(R), key=lambda r: -n[r]):
+            j = next((j for j in open_lanes
+                      if used_t[j] + n[r] <= width and used_b[j] + n_blocks[r] <= cap), None)
+            if j is None:
+                j = len(used_t)
+                used_t.append(0)
+                used_b.append(0)
+                out.last_row.append(r)
+                open_lanes.append(j)
+            out.lane[r], out.tok_off[r], out.blk_off[r] = j, used_t[j], used_b[j]
+            out.slot[r] = out.slot[out.last_row[j]] + 1 if used_t[j] else 0
+            used_t[j] += n[r]
+            used_b[j] += n_blocks[r]
+            out.last_row[j] = r
+            if used_t[j] == width:
+                open_lanes.remove(j)
+        out.blocks = max(used_b)
+        return out
+
+
+def _logits_at(lanes: _Lanes, last_col: torch.Tensor, lane: torch.Tensor,
+               slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """AttnMetadata.logits_index (L, K) and logits_rows (R,), from each row's last column."""
+    K = int(slot.max()) + 1
+    last_row = torch.tensor(lanes.last_row)
+    index = last_col[last_row][:, None].repeat(1, K)  # (L, K), padded with the lane's last column
+    index[lane, slot] = last_col
+    return index, lane * K + slot
+
+
+def _ragged(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Owner and index of each item of consecutive runs: [2, 3] -> [0,0,1,1,1], [0,1,0,1,2]."""
+    owner = torch.arange(len(lengths)).repeat_interleave(lengths)
+    start = (lengths.cumsum(0) - lengths).repeat_interleave(lengths)
+    return owner, torch.arange(len(owner)) - start
+
+
+def _lane_queries(lanes: _Lanes, ctx: torch.Tensor, row: torch.Tensor, pos: torch.Tensor,
+                  new_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, T) sequence and position of each query. A padding query copies its lane's last
+    sequence at that sequence's last position, so it sees at least itself: SDPA never gets an
+    empty softmax row (which would be NaN)."""
+    q_row = torch.tensor(lanes.last_row).repeat_interleave(lanes.width)
+    q_pos = (ctx - 1)[q_row]
+    q_row[new_index], q_pos[new_index] = row, pos
+    return q_row.view(lanes.count, -1), q_pos.view(lanes.count, -1)
+
+
+def _lane_keys(kv: PagedKVCache, lanes: _Lanes, tables: list[list[int]], n_blocks: torch.Tensor,
+               lane: torch.Tensor, blk_off: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each lane's key blocks (L, NB), and the sequence and position of each key slot (L, S)."""
+    L, NB, bs = lanes.count, lanes.blocks, kv.block_size
+    used = torch.tensor([b for t, m in zip(tables, n_blocks.tolist(), strict=True) for b in t[:m]])
+    if used.min() < 0 or used.max() >= kv.num_blocks:
+        raise ValueError(f"block ids must lie in [0, {kv.num_blocks}); got {used.min()} .. "
+                         f"{used.max()}; pass block tables from this cache's allocator")
+    row, j = _ragged(n_blocks)  # (total blocks,)
+    flat = lane[row] * NB + blk_off[row] + j
+    key_blocks = torch.zeros(L * NB, dtype=torch.long)
+    blk_row = torch.full((L * NB,), -1, dtype=torch.long)  # padding blocks belong to no row
+    blk_idx = torch.zeros(L * NB, dtype=torch.long)
+    key_blocks[flat], blk_row[flat], blk_idx[flat] = used, row, j
+    k_row = blk_row.view(L, NB).repeat_interleave(bs, dim=1)  # (L, S)
+    k_pos = (blk_idx.view(L, NB) * bs).repeat_interleave(bs, dim=1) + torch.arange(bs).repeat(NB)
+    return key_blocks.view(L, NB), k_row, k_pos
+
+
+def _check_rows(kv: PagedKVCache, rows: list[Row], n: list[int], computed: list[int],
+                n_blocks: list[int]) -> None:
+    if not rows:
+        raise ValueError("prepare_step needs at least one row")
+    for i, (row, k, c, nb) in enumerate(zip(rows, n, computed, n_blocks, strict=True)):
+        if k == 0 or c < 0:
+            raise ValueError(f"row {i}: needs >= 1 new token and num_computed >= 0, "
+                             f"got {k} tokens and num_computed={c}")
+        if len(row[1]) < nb:
+            raise ValueError(f"row {i}: {len(row[1])} blocks of {kv.block_size} slots cannot hold "
+                             f"{c + k} tokens; allocate more blocks first")
+
+
+def _lane_mask(q_row: torch.Tensor, q_pos: torch.Tensor, k_row: torch.Tensor, k_pos: torch.Tensor,
+               window: int | None) -> torch.Tensor:
+    """(L, 1, T, S): a query sees keys of its own sequence at or before its position (within
+    the window). Keys up to a query's position are all computed, so no length check is needed."""
+    q_row, q_pos = q_row[:, :, None], q_pos[:, :, None]  # (L, T, 1)
+    k_row, k_pos = k_row[:, None, :], k_pos[:, None, :]  # (L, 1, S)
+    allowed = (q_row == k_row) & (k_pos <= q_pos)
     if window is not None:
-        allowed &= q - k < window
+        allowed &= q_pos - k_pos < window
     return allowed[:, None]

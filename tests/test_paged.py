@@ -188,6 +188,9 @@ def test_packed_lanes():
     mask = meta.attn_mask[1, 0].int().tolist()  # lane 1: keys = row 2's block, then row 1's
     assert mask == [[1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 0, 0, 0]]
     assert split_decodes(rows) == [[1], [0, 2]]
+    assert not meta.dense  # lane 0 has padding, lane 1 holds row 2 before row 1
+    decodes = [([5], [3, 6], 5), ([9], [1], 0)]
+    assert prepare_step(kv, decodes, "cpu", pack=True)[2].dense
 
 
 def test_errors():

@@ -89,6 +89,9 @@ class AttnMetadata:
     fresh: bool = False
     """Every sequence starts at position 0, so the new keys are the whole context: skip the
     gather (then S = T, not a whole number of blocks)."""
+    dense: bool = False
+    """new_index is every lane column in order (e.g. a decode step: one token per lane), so the
+    new keys/values are written without first being picked out of the lanes."""
 
     def mask(self, T: int, pad_mask: torch.Tensor | None) -> torch.Tensor:
         """The step's mask; padding is already known from query_lens, so pad_mask is ignored."""
@@ -102,7 +105,9 @@ class AttnMetadata:
         pool_k, pool_v = self.kv.flat(layer)
         L, Hkv, T, D = k.shape
         for new, pool in ((k, pool_k), (v, pool_v)):
-            rows = new.transpose(0, 1).reshape(Hkv, L * T, D)[:, self.new_index]  # (Hkv, N, D)
+            rows = new.transpose(0, 1).reshape(Hkv, L * T, D)  # (Hkv, L * T, D)
+            if not self.dense:
+                rows = rows[:, self.new_index]  # (Hkv, N, D): drop padding, order by row
             pool.index_copy_(1, self.slot_mapping, rows.to(pool.dtype))
         if self.fresh:
             return k, v
@@ -162,7 +167,7 @@ def prepare_step(kv: PagedKVCache, rows: list[Row], device: torch.device | str,
         logits_index=logits_index.to(device), logits_rows=logits_rows.to(device),
         slot_mapping=slots.to(device), key_blocks=key_blocks.to(device),
         attn_mask=_lane_mask(q_row, q_pos, k_row, k_pos, kv.sliding_window).to(device),
-        fresh=fresh)
+        fresh=fresh, dense=bool(torch.equal(new_index, torch.arange(L * T))))
     return tokens.view(L, T).to(device), meta.positions, meta
 
 

@@ -22,7 +22,7 @@ from lmstack.model import generate, load_hf
 from lmstack.model.tokenizer import Tokenizer
 
 # (preset, training seconds, batch size, sequence length): one place for the demo's defaults
-CPU_DEFAULTS = ("llama-10m", 300, 16, 256)
+CPU_DEFAULTS = ("llama-10m", 300, 8, 256)
 GPU_DEFAULTS = ("llama-50m", 600, 32, 512)
 PROMPTS = ["def ", "import os\n", "class ", "    for i in range("]
 
@@ -41,7 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--max-mb", type=float, default=None,
                    help="use a random subset of the corpus of at most this many MB (default: all)")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--samples", type=int, default=len(PROMPTS))
     return p.parse_args(argv)
 

@@ -146,6 +146,19 @@ class BatchSampling:
                    col("min_p", off=0.0), penalties, all(p.greedy for p in params))
 
 
+def sampling_probs(logits: torch.Tensor, s: BatchSampling) -> torch.Tensor:
+    """(R, V) logits -> the (R, V) distribution `sample` draws from: temperature, then the
+    top-k / top-p / min-p filters (penalties are applied before, by the caller)."""
+    logits = logits.float() / torch.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    if s.top_k is not None:
+        logits = top_k_mask(logits, s.top_k)
+    if s.top_p is not None:
+        logits = top_p_mask(logits, s.top_p)
+    if s.min_p is not None:
+        logits = min_p_mask(logits, s.min_p)
+    return logits.softmax(-1)
+
+
 def sample(logits: torch.Tensor, s: BatchSampling, generators: list[torch.Generator | None],
            default: torch.Generator | None = None,
            counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -156,15 +169,7 @@ def sample(logits: torch.Tensor, s: BatchSampling, generators: list[torch.Genera
     greedy = logits.argmax(-1)
     if s.all_greedy:
         return greedy
-    temp = torch.where(s.temperature > 0, s.temperature, 1.0)
-    logits = logits / temp[:, None]
-    if s.top_k is not None:
-        logits = top_k_mask(logits, s.top_k)
-    if s.top_p is not None:
-        logits = top_p_mask(logits, s.top_p)
-    if s.min_p is not None:
-        logits = min_p_mask(logits, s.min_p)
-    probs = logits.softmax(-1)
+    probs = sampling_probs(logits, s)
     sampled = (probs / exponential_noise(probs.shape, generators, default, probs.device)).argmax(-1)
     return torch.where(s.temperature > 0, sampled, greedy)
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 
 from lmstack.infer.runner import ModelRunner
-from lmstack.infer.sampling import BatchSampling, exponential_noise, min_p_mask
+from lmstack.infer.sampling import BatchSampling, exponential_noise, sampling_probs
 from lmstack.infer.scheduler import ScheduledBatch
 from lmstack.infer.sequence import Sequence
-from lmstack.model.generate import top_k_mask, top_p_mask
 from lmstack.model.paged import PagedKVCache, last_token_logits, prepare_step
 
 
@@ -80,18 +79,6 @@ def _residual(p: torch.Tensor, q: torch.Tensor, n: torch.Tensor) -> torch.Tensor
 
 
 # ----------------------------------------------------------------------------- in the engine
-
-def sampling_probs(logits: torch.Tensor, s: BatchSampling) -> torch.Tensor:
-    """(R, V) logits -> the (R, V) distribution `sampling.sample` draws from (no penalties)."""
-    logits = logits.float() / torch.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-    if s.top_k is not None:
-        logits = top_k_mask(logits, s.top_k)
-    if s.top_p is not None:
-        logits = top_p_mask(logits, s.top_p)
-    if s.min_p is not None:
-        logits = min_p_mask(logits, s.min_p)
-    return logits.softmax(-1)
-
 
 def repeat_rows(s: BatchSampling, n: int) -> BatchSampling:
     """Each row's parameters n times in a row, for (B * n, V) logits of (B, n, V)."""

@@ -12,6 +12,7 @@ Weights and optimizer state stay fp32 in every mode; only the forward/backward m
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -30,6 +31,10 @@ def resolve_dtype(name: str, device: torch.device) -> str:
                          "use bf16 or fp32 on CPU")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("--train.precision.dtype=bf16: this GPU has no bf16 support; use fp16")
+    if name == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        # without AVX512-BF16 / AMX, bf16 matmuls fall back to a slow loop (README, benchmarks)
+        warnings.warn("bf16 on this CPU has no native matmul kernel and trains many times slower "
+                      "than fp32; --train.precision.dtype=fp32 is faster here", stacklevel=2)
     return name
 
 

@@ -513,3 +513,14 @@ def test_config_file_sits_between_defaults_and_flags(tmp_path, suffix):
     path.write_text(text + ("[train.logging]\nbogus = 1\n" if suffix == ".toml" else "bogus: 1\n"))
     with pytest.raises(ValueError, match=r"unknown setting '(train\.logging\.)?bogus'"):
         pretrain_cli.parse_args(["--config", str(path)])
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_on_cpu():
+    """torch.compile (inductor, C++ on CPU) per block, with activation checkpointing, keeps the
+    losses of eager mode: the option is real on the machine where the tests run."""
+    eager, compiled = Recorder(), Recorder()
+    run(hooks=[eager], max_steps=3)
+    model, _, _ = run(hooks=[compiled], max_steps=3, compile=True, activation_checkpointing=True)
+    assert all(block._compiled_call_impl is not None for block in model.layers)
+    assert [s.loss for s in compiled.stats] == pytest.approx([s.loss for s in eager.stats], rel=1e-4)

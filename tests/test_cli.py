@@ -25,16 +25,9 @@ def test_info_reports_gpt2_parameter_count():
 
 def test_demo_runs_end_to_end_on_a_small_budget(tmp_path, capsys):
     """The main job's plumbing: prepare -> pretrain -> baseline report -> HF export -> samples."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rc = main(["demo", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
-                   "--max-mb", "0.3", "--vocab-size", "400", "--preset", "tiny-llama",
-                   "--budget-s", "3", "--batch-size", "4", "--seq-len", "64", "--samples", "1"])
-    finally:
-        torch.set_num_threads(threads)
+    rc = main(["demo", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+               "--max-mb", "0.3", "--vocab-size", "400", "--preset", "tiny-llama",
+               "--budget-s", "3", "--batch-size", "4", "--seq-len", "64", "--samples", "1"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "unigram baseline:" in out and "sample 1" in out

@@ -12,15 +12,6 @@ TOL = 1e-5
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared cores the threads' spinning
-    makes each small op ~20x slower; restore the setting for other modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def build(preset: str, **overrides) -> Transformer:
     return Transformer.build(ModelConfig.from_preset(preset, **overrides), seed=0).eval()
 

@@ -11,15 +11,6 @@ V, K, TRIALS = 12, 3, 40_000
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on shared cores the threads' spinning
-    makes each small op ~20x slower; restore the setting for other modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """Pearson's chi-square test of observed counts against probabilities.
 

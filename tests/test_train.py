@@ -78,14 +78,6 @@ class ArraySource:
         self.position = state["position"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: a fixed reduction order on every machine, and no OpenMP threads
-    spinning against other processes on a busy 2-core box (10x slower there)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(seed: int = 0) -> Transformer:

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from lmstack.model import Transformer, weights
+from lmstack.model.hf import DTYPES
 from lmstack.model.tokenizer import Tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:

@@ -373,6 +373,31 @@ def test_bf16_autocast_trains_on_cpu_close_to_fp32():
     assert [s.loss for s in bf16.stats] != [s.loss for s in fp32.stats]  # bf16 really ran
 
 
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])  # gpt2: biases, tied head
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_cpu_bf16_linear_matches_plain_autocast(preset, checkpointed):
+    """The fast-layout bf16 linear (used on CPUs without native bf16) computes the same
+    products as autocast's own linear: same loss, gradients equal up to bf16 summation order."""
+    inputs, targets = ArraySource().next_batch()
+    grads, fns = [], []
+    for fast in (False, True):
+        model = Transformer.build(ModelConfig.from_preset(preset), seed=0)
+        if checkpointed:
+            apply_activation_checkpointing(model)
+        precision = Precision("bf16", torch.device("cpu"))
+        precision.cpu_bf16_linear = fast
+        with precision.autocast():
+            logits = model(inputs)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        fns.append(logits.grad_fn.name())
+        precision.backward(loss)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert fns[0] != "_Bf16LinearBackward" and fns[1] == "_Bf16LinearBackward"
+    for name, plain in grads[0].items():
+        assert grads[1][name].dtype == torch.float32
+        torch.testing.assert_close(grads[1][name], plain, rtol=2e-2, atol=2e-3, msg=name)
+
+
 def test_time_budget_stops_the_run():
     stats = Recorder()
     run(hooks=[stats], max_steps=None, max_time_s=0.3, eval=EvalConfig(every=0))

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lmstack.train.precision import CpuBf16Linear, recompute_context
+
 
 def blocks(model: nn.Module) -> nn.ModuleList:
     layers = getattr(model, "layers", None)
@@ -25,6 +27,8 @@ def blocks(model: nn.Module) -> nn.ModuleList:
 
 def _recompute(forward, *args, **kwargs):
     # use_reentrant=False: works with kwargs and with inputs that don't require grad
+    if CpuBf16Linear.depth and not torch.compiler.is_compiling():
+        kwargs["context_fn"] = recompute_context
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 

@@ -38,6 +38,30 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias, as F.linear; fp32 inference on CPU computes (weight @ x.T).T instead.
+
+    Same products, other operand order: MKL's fp32 GEMM runs that form 1.3-2.4x faster for
+    2-64 rows (decode batches, speculative verification), measured on Zen 3. Training keeps
+    F.linear (its backward through this form was slower), as do bf16 (its fallback kernel is
+    compute-bound: no gain), autocast (it must see F.linear), CUDA and single rows.
+    """
+    rows = x.numel() // x.shape[-1]
+    if (rows < 2 or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
+            or weight.dtype != torch.float32):
+        return F.linear(x, weight, bias)
+    x2d = x.reshape(rows, x.shape[-1])
+    y = weight @ x2d.T if bias is None else torch.addmm(bias[:, None], weight, x2d.T)  # (N, rows)
+    return y.T.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names) computed by `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.dim, cfg.norm_eps)
@@ -128,10 +152,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache=None) -> torch.Tensor:
@@ -155,9 +179,9 @@ class MLP(nn.Module):
         self.gated = cfg.mlp == "swiglu"
         self.approximate = cfg.gelu_approximate
         if self.gated:
-            self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
+            self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
@@ -191,7 +215,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         # tied embeddings reuse embed_tokens.weight in forward: no shared Parameter to re-tie
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg, device=self.embed_tokens.weight.device)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -260,7 +284,7 @@ class Transformer(nn.Module):
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, C)
         x = self.norm(x)
         if self.lm_head is None:
-            return F.linear(x, self.embed_tokens.weight)
+            return linear(x, self.embed_tokens.weight)
         return self.lm_head(x)
 
     def _mask(self, T: int, cache, pad_mask, device) -> torch.Tensor | None:

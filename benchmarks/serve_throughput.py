@@ -52,9 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, help="(b) tokens to decode (default 64, quick 24)")
     p.add_argument("--spec-k", type=int, default=4, help="(c) draft tokens per step")
     p.add_argument("--spec-preset", default="llama-50m", help="(c) target shape")
-    p.add_argument("--spec-damp", type=float, default=0.05,
-                   help="(c) scale of the target's residual outputs past its first 2 layers: "
-                        "random weights give a layer-skip draft no agreement, damping gives some")
+    p.add_argument("--spec-damp", type=float, nargs="+", default=[0.05, 0.01],
+                   help="(c) scales of the target's residual outputs past its first 2 layers, one "
+                        "run each: random weights give a layer-skip draft no agreement, damping "
+                        "gives some (smaller: more), like a real draft of a trained target")
     p.add_argument("--parts", default="abc", help="which parts to run, e.g. 'a' or 'bc'")
     p.add_argument("--skip-hf-cb", action="store_true", help="(a) skip transformers' continuous batching")
     p.add_argument("--threads", type=int, default=1,
@@ -278,8 +279,13 @@ def damp_deep_layers(model: Transformer, keep: int, factor: float) -> None:
 def part_c(args, folder: Path) -> None:
     from lmstack.infer.loading import load_model
 
-    target = load_model(save_random_model(args.spec_preset, folder, torch.float32))
-    damp_deep_layers(target, 2, args.spec_damp)
+    path = save_random_model(args.spec_preset, folder, torch.float32)
+    for damp in args.spec_damp:
+        spec_run(args, load_model(path), damp)
+
+
+def spec_run(args, target: Transformer, damp: float) -> None:
+    damp_deep_layers(target, 2, damp)
     drafts = {"layer-skip draft (first 2 layers)": layer_skip_draft(target, 2),
               "random draft (llama-10m)": Transformer.build(
                   ModelConfig.from_preset("llama-10m", vocab_size=target.config.vocab_size), seed=1)}
@@ -300,7 +306,7 @@ def part_c(args, folder: Path) -> None:
             note = "" if rate is None else f"acceptance {rate:.2f}"
             rows.append((name, tokens / seconds, note))
         table(f"(c) speculative decoding, {args.spec_preset} fp32 target (layers past 2 damped "
-              f"x{args.spec_damp}), k={args.spec_k}, {batch} request(s), greedy", rows,
+              f"x{damp}), k={args.spec_k}, {batch} request(s), greedy", rows,
               "out tok/s", "plain decoding")
 
 

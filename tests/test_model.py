@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
+import lmstack.model.transformer as transformer
 from lmstack.model import ModelConfig, StaticCache, Transformer, generate
 from lmstack.model.cache import causal_mask
 from lmstack.model.generate import left_pad, top_k_mask, top_p_mask
-from lmstack.model.transformer import reference_attention, rope_frequencies, sdpa
+from lmstack.model.transformer import linear, reference_attention, rope_frequencies, sdpa
 
 
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (8, 2), (6, 1)])
@@ -34,6 +35,36 @@ def test_sdpa_matches_reference_with_padding_and_cache_offset():
     # a query at slot s sees no later slot and no padding (except itself)
     assert not mask[1, 0, 0, :6].any() and mask[1, 0, 0, 6]
     assert not mask[2, 0, 0, S - T + 1:].any()
+
+
+@pytest.mark.parametrize("native", [False, True])  # the fp32 detour on CPUs without bf16 kernels, or not
+def test_bf16_sdpa_matches_the_fp32_reference(native, monkeypatch):
+    monkeypatch.setattr(transformer, "NATIVE_CPU_BF16", native)
+    torch.manual_seed(2)
+    q, k, v = torch.randn(2, 8, 5, 16), torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)
+    mask = causal_mask(12 - 5, torch.ones(2, 12, dtype=torch.bool))
+    out = sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert out.dtype == torch.bfloat16
+    ref = reference_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), mask)
+    assert (out.float() - ref).abs().max() <= 2e-2  # bf16 rounding of the output
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 24), (1, 2, 24), (3, 5, 24), (64, 24), (2, 40, 24)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_f_linear_for_every_row_count(shape, bias):
+    """`linear` computes (W @ x.T).T for 2-64 fp32 rows without grad; any path gives F.linear's
+    result, contiguous, in x's leading shape."""
+    torch.manual_seed(3)
+    x, w = torch.randn(shape), torch.randn(40, 24)
+    b = torch.randn(40) if bias else None
+    expected = torch.nn.functional.linear(x, w, b)
+    with torch.no_grad():
+        out = linear(x, w, b)
+    assert out.shape == expected.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    y = linear(x.requires_grad_(), w, b)  # with grad: F.linear, gradients flow
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
 
 
 def test_sliding_window_mask_limits_lookback():

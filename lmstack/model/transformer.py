@@ -38,17 +38,21 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+MKL = torch.backends.mkl.is_available()  # `linear`'s operand order was measured with MKL only
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias, as F.linear; fp32 inference on CPU computes (weight @ x.T).T instead.
 
     Same products, other operand order: MKL's fp32 GEMM runs that form 1.3-2.4x faster for
     2-64 rows (decode batches, speculative verification), measured on Zen 3. Everything else
-    keeps F.linear: one row (no gain), more rows (the transposed copy of a large result costs
-    more than the gain), training (its backward through this form was slower), bf16 (its
-    fallback kernel is compute-bound: no gain), autocast (it must see F.linear) and CUDA.
+    keeps F.linear: builds without MKL (not measured), one row (no gain), more rows (the
+    transposed copy of a large result costs more than the gain), training (its backward through
+    this form was slower), bf16 (its fallback kernel is compute-bound: no gain), autocast (it
+    must see F.linear) and CUDA.
     """
     rows = x.numel() // x.shape[-1]
-    if (not 2 <= rows <= 64 or torch.is_grad_enabled() or x.device.type != "cpu"
+    if (not 2 <= rows <= 64 or not MKL or torch.is_grad_enabled() or x.device.type != "cpu"
             or x.dtype != torch.float32 or weight.dtype != torch.float32):
         return F.linear(x, weight, bias)
     x2d = x.reshape(rows, x.shape[-1])

@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
         peak.measure()
     print(f"{args.preset}, batch {args.batch} x seq_len {args.seq_len}, {args.threads} threads, "
           "AdamW + clipping; steps = timed steps of each model")
+    if "bf16" in args.dtype and Precision("bf16", torch.device("cpu")).cpu_bf16_linear:
+        print("bf16: no native bf16 matmul on this CPU; both models' linears run through "
+              "lmstack's CpuBf16Linear (lmstack/train/precision.py)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtype:

@@ -34,6 +34,7 @@ from torch import nn
 
 from lmstack.model import ModelConfig, Transformer
 from lmstack.model.hf import save_hf
+from lmstack.model.transformer import NATIVE_CPU_BF16
 from lmstack.train import OptimConfig, accumulate_gradients, cross_entropy_sum
 from lmstack.train.optim import make_optimizer, trainable_parameters
 from lmstack.train.parallel import apply_compile
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         peak.measure()
     print(f"{args.preset}, batch {args.batch} x seq_len {args.seq_len}, {args.threads} threads, "
           "AdamW + clipping; steps = timed steps of each model")
-    if "bf16" in args.dtype and Precision("bf16", torch.device("cpu")).cpu_bf16_linear:
+    if "bf16" in args.dtype and not NATIVE_CPU_BF16:
         print("bf16: no native bf16 matmul on this CPU; both models' linears run through "
               "lmstack's CpuBf16Linear (lmstack/train/precision.py)")
     rows = []

@@ -58,8 +58,17 @@ def test_linear_equals_f_linear_for_every_row_count(shape, bias):
     x, w = torch.randn(shape), torch.randn(40, 24)
     b = torch.randn(40) if bias else None
     expected = torch.nn.functional.linear(x, w, b)
-    with torch.no_grad():
+    calls = []
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transformer.F, "linear", lambda *a: calls.append(a) or expected)
         out = linear(x, w, b)
+    rows = x.numel() // x.shape[-1]
+    assert bool(calls) == (not (2 <= rows <= 64 and transformer.MKL))  # the path that was meant
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transformer.F, "linear", lambda *a: calls.append(a) or expected)
+        calls.clear()
+        linear(x, w, b)
+    assert calls  # autocast must see F.linear
     assert out.shape == expected.shape and out.is_contiguous()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     y = linear(x.requires_grad_(), w, b)  # with grad: F.linear, gradients flow

@@ -35,7 +35,7 @@ from torch import nn
 from lmstack.model import ModelConfig, Transformer
 from lmstack.model.hf import save_hf
 from lmstack.model.transformer import NATIVE_CPU_BF16
-from lmstack.train import OptimConfig, accumulate_gradients, cross_entropy_sum
+from lmstack.train import OptimConfig, accumulate_gradients, cross_entropy_sum, keep_freed_memory
 from lmstack.train.optim import make_optimizer, trainable_parameters
 from lmstack.train.parallel import apply_compile
 from lmstack.train.precision import Precision
@@ -238,6 +238,7 @@ def print_table(rows: list[dict], peaks: dict[str, Peak]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as lmstack's loop does on CPU; the same process, so for both models
     peaks = {d: Peak(DTYPES[d], args.peak_n) for d in args.dtype}
     for peak in peaks.values():
         peak.measure()

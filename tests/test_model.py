@@ -49,6 +49,30 @@ def test_bf16_sdpa_matches_the_fp32_reference(native, monkeypatch):
     assert (out.float() - ref).abs().max() <= 2e-2  # bf16 rounding of the output
 
 
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_sdpa_with_grad_runs_in_fp32(native, autocast, monkeypatch):
+    """Training in bf16 (bf16 inputs, or fp32 ones under bf16 autocast) computes attention in
+    fp32 on every CPU, returns bf16, and its gradients match the fp32 reference."""
+    monkeypatch.setattr(transformer, "NATIVE_CPU_BF16", native)
+    seen, real = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(transformer.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+                        or real(q, *a, **kw))
+    torch.manual_seed(2)
+    leaves = [torch.randn(2, 8, 6, 16), torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)]
+    leaves = [t.bfloat16().float().requires_grad_() for t in leaves]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = sdpa(*(t if autocast else t.bfloat16() for t in leaves), None)
+    assert seen == [(torch.float32, False)] and out.dtype == torch.bfloat16  # fp32, autocast off
+    grad = torch.randn(out.shape)
+    out.float().backward(grad)
+    refs = [t.detach().clone().requires_grad_() for t in leaves]
+    reference_attention(*refs, None).backward(grad)
+    for got, ref in zip(leaves, refs, strict=True):
+        torch.testing.assert_close(got.grad, ref.grad, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 24), (1, 2, 24), (3, 5, 24), (64, 24), (2, 40, 24)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_equals_f_linear_for_every_row_count(shape, bias):
@@ -74,6 +98,64 @@ def test_linear_equals_f_linear_for_every_row_count(shape, bias):
     y = linear(x.requires_grad_(), w, b)  # with grad: F.linear, gradients flow
     y.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+needs_mkldnn = pytest.mark.skipif(not transformer.MKLDNN, reason="this torch build has no oneDNN")
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 24), (1, 2, 24), (3, 5, 24), (300, 24)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_f_linear(dtype, shape, bias):
+    """A fresh PackedWeight computes F.linear's result without autograd; a stale one (the weight
+    changed in place or was replaced), autograd or autocast take the unpacked path."""
+    torch.manual_seed(3)
+    layer = transformer.Linear(24, 40, bias=bias).to(dtype)
+    if not transformer.PackedWeight.supports(layer.weight):
+        pytest.skip("bf16 is packed only on CPUs with native bf16")
+    x = torch.randn(shape, dtype=dtype)
+    layer.packed = transformer.PackedWeight(layer.weight)
+    calls, real = [], transformer.packed_linear
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transformer, "packed_linear", lambda *a: calls.append(1) or real(*a))
+        with torch.no_grad():
+            out, expected = layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
+        assert len(calls) == 1 and out.shape == expected.shape
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+        layer(x).sum().backward()  # with autograd: unpacked, and gradients flow
+        assert len(calls) == 1 and layer.weight.grad is not None
+        with torch.no_grad():
+            layer.weight.mul_(2)  # in-place change: the packed copy is stale
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+            layer.weight.data = torch.randn_like(layer.weight)  # replaced storage: stale too
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        assert len(calls) == 1
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+def test_packed_model_gives_the_same_logits(preset):
+    """pack_for_cpu_inference packs every linear and a tied head; logits match the unpacked model,
+    and a training step afterwards (in-place weight update) is never served from stale copies."""
+    model = Transformer.build(ModelConfig.from_preset(preset), seed=0)
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        expected = model(x)
+        n = model.pack_for_cpu_inference()
+        packed = model(x)
+    n_linears = sum(isinstance(m, transformer.Linear) for m in model.modules())
+    assert n == n_linears + (model.lm_head is None)
+    torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x).logsumexp(-1).mean().backward()
+    opt.step()
+    with torch.no_grad():
+        after = model(x)
+        model.pack_for_cpu_inference()
+        torch.testing.assert_close(model(x), after, rtol=1e-5, atol=1e-5)
+    assert (after - expected).abs().max() > 1e-3  # the update did change the logits
 
 
 def test_sliding_window_mask_limits_lookback():

@@ -58,6 +58,9 @@ class EngineConfig:
     """float32, bfloat16 or float16; None keeps the model's (or the checkpoint's) dtype."""
     device: str | None = None
     """None: the given model's device, else cuda when available."""
+    pack_weights: bool = True
+    """CPU: run linears on oneDNN-packed copies of their weights (1.15-1.9x faster products; a
+    second copy of those weights in memory). See Transformer.pack_for_cpu_inference."""
     seed: int = 0
     """Seeds the sampling of requests that bring no seed of their own."""
     speculative_model: str | Path | torch.nn.Module | None = None
@@ -299,6 +302,8 @@ def _resolve_model(model, tokenizer, cfg: EngineConfig):
         model = model.to(device=cfg.device, dtype=dtype)
     if isinstance(tokenizer, str | Path):
         tokenizer = load_tokenizer(tokenizer)
+    if cfg.pack_weights:
+        model.pack_for_cpu_inference()
     return model.eval(), tokenizer
 
 
@@ -309,6 +314,8 @@ def _make_speculator(runner: ModelRunner, cfg: EngineConfig,
     draft = cfg.speculative_model
     if isinstance(draft, str | Path):
         draft = load_model(draft, runner.device)
+    if cfg.pack_weights:
+        draft.pack_for_cpu_inference()
     return SpeculativeDecoder(runner, draft, cfg.num_speculative_tokens, max_model_len)
 
 

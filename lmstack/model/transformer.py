@@ -12,6 +12,7 @@ Build on the meta device, then `to_empty` and one `init_weights()`:
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -38,21 +39,62 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
+# whether this CPU has native bf16 matmul kernels (AVX512-BF16 or AMX); a constant, so that
+# torch.compile reads it without a graph break
+NATIVE_CPU_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
 MKL = torch.backends.mkl.is_available()  # `linear`'s operand order was measured with MKL only
+MKLDNN = torch.backends.mkldnn.is_available()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias, as F.linear; fp32 inference on CPU computes (weight @ x.T).T instead.
+class PackedWeight:
+    """A copy of a linear weight in oneDNN's blocked layout, for CPU inference.
 
-    Same products, other operand order: MKL's fp32 GEMM runs that form 1.3-2.4x faster for
-    2-64 rows (decode batches, speculative verification), measured on Zen 3. Everything else
-    keeps F.linear: builds without MKL (not measured), one row (no gain), more rows (the
-    transposed copy of a large result costs more than the gain), training (its backward through
-    this form was slower), bf16 (its fallback kernel is compute-bound: no gain), autocast (it
-    must see F.linear) and CUDA.
+    oneDNN's linear over a prepacked weight ran the products of decode and prefill 1.15-1.9x
+    faster than F.linear (fp32 and bf16, 1-512 rows; Zen 4), bf16 matrix-vector products at
+    24 GB/s against 13. The copy remembers which tensor it was made from and that tensor's data
+    pointer and version counter: any in-place change since (optimizer step, load_state_dict,
+    LoRA merge, `.data =`, a dtype cast) makes it stale, and `linear` ignores a stale copy.
     """
+
+    def __init__(self, weight: torch.Tensor):
+        self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        self._source = weakref.ref(weight)
+        self._stamp = (weight.data_ptr(), weight._version)
+
+    @staticmethod
+    def supports(weight: torch.Tensor) -> bool:
+        """CPU fp32, or bf16 where the CPU has native bf16 instructions (else oneDNN's bf16 is
+        slow); not inference-mode tensors, which keep no version counter to detect changes."""
+        return (MKLDNN and weight.device.type == "cpu" and not weight.is_inference()
+                and (weight.dtype == torch.float32 or weight.dtype == torch.bfloat16 and NATIVE_CPU_BF16))
+
+    def matches(self, weight: torch.Tensor) -> bool:
+        return self._source() is weight and self._stamp == (weight.data_ptr(), weight._version)
+
+
+def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed.tensor, bias, "none", [], "")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: PackedWeight | None = None) -> torch.Tensor:
+    """x @ weight.T + bias, as F.linear, through the fastest CPU inference kernel measured.
+
+    With a fresh `PackedWeight` (see `Transformer.pack_for_cpu_inference`) and no autograd, the
+    product runs on the packed copy. Otherwise fp32 inference on CPU with MKL computes
+    (weight @ x.T).T for 2-64 rows: the same products, an operand order MKL's GEMM ran 1.3-2.4x
+    faster for those sizes (measured on Zen 3). Everything else keeps F.linear: builds without
+    MKL (not measured), one row (no gain), more rows (the transposed copy of a large result costs
+    more than the gain), training (its backward through this form was slower), bf16, autocast
+    (it must see F.linear) and CUDA.
+    """
+    grad = torch.is_grad_enabled()
+    if (packed is not None and not grad and x.dtype == weight.dtype and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu") and packed.matches(weight)):
+        return packed_linear(x, packed, bias)
     rows = x.numel() // x.shape[-1]
-    if (not 2 <= rows <= 64 or not MKL or torch.is_grad_enabled() or x.device.type != "cpu"
+    if (not 2 <= rows <= 64 or not MKL or grad or x.device.type != "cpu"
             or x.dtype != torch.float32 or weight.dtype != torch.float32
             or torch.is_autocast_enabled("cpu")):
         return F.linear(x, weight, bias)
@@ -62,10 +104,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) computed by `linear`."""
+    """nn.Linear (same parameters and names) computed by `linear`, with an optional packed copy."""
+
+    packed: PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -133,24 +177,25 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (scores.softmax(-1) @ v).to(q.dtype)
 
 
-# whether this CPU has native bf16 matmul kernels (AVX512-BF16 or AMX); a constant, so that
-# torch.compile reads it without a graph break
-NATIVE_CPU_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
          mask: torch.Tensor | None) -> torch.Tensor:
     """Fused attention; mask=None means plain causal over T == S.
 
-    bf16 inputs on a CPU without native bf16 kernels run in fp32 and are cast back: SDPA's
-    bf16 fallback there is ~3x slower than the casts plus fp32 (and no more accurate).
+    bf16 on CPU (bf16 inputs, or bf16 autocast) runs in fp32 with autocast off, and is cast
+    back, where that was measured faster: without native bf16 kernels SDPA's bf16 fallback is
+    ~3x slower than the casts plus fp32; with them, its bf16 backward still is (forward +
+    backward 6.0 ms vs 2.9 ms at 4x8x128x32 with GQA, Zen 4), so training (inputs that need
+    grad) takes fp32 too. fp32 is no less accurate.
     """
-    gqa = q.shape[1] != k.shape[1]
-    if (q.dtype == torch.bfloat16 and q.device.type == "cpu" and not NATIVE_CPU_BF16
-            and not torch.is_autocast_enabled("cpu")):
-        return sdpa(q.float(), k.float(), v.float(), mask).to(q.dtype)
+    autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    dtype = torch.bfloat16 if autocast_bf16 else q.dtype  # what SDPA would compute in
+    if (dtype == torch.bfloat16 and q.device.type == "cpu"
+            and (not NATIVE_CPU_BF16 or q.requires_grad)):
+        with torch.autocast("cpu", enabled=False):
+            return sdpa(q.float(), k.float(), v.float(), mask).to(dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                          enable_gqa=gqa)
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):
@@ -222,6 +267,7 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg)
         # tied embeddings reuse embed_tokens.weight in forward: no shared Parameter to re-tie
         self.lm_head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head_packed: PackedWeight | None = None  # the tied head's, see pack_for_cpu_inference
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg, device=self.embed_tokens.weight.device)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -255,6 +301,19 @@ class Transformer(nn.Module):
                 m.reset_parameters()
         if self.config.pos == "rope":
             self.rope_cos, self.rope_sin = rope_tables(self.config, device=self.rope_cos.device)
+
+    @torch.no_grad()
+    def pack_for_cpu_inference(self) -> int:
+        """Give every `Linear` (and a tied head) a `PackedWeight` for faster CPU inference;
+        return how many were packed. The packed copies double those weights' memory, are used
+        only without autograd, and are ignored once their weight changes (call again then)."""
+        linears = [m for m in self.modules() if isinstance(m, Linear)]
+        for m in linears:
+            m.packed = PackedWeight(m.weight) if PackedWeight.supports(m.weight) else None
+        if self.lm_head is None:
+            weight = self.embed_tokens.weight
+            self.head_packed = PackedWeight(weight) if PackedWeight.supports(weight) else None
+        return sum(m.packed is not None for m in linears) + (self.head_packed is not None)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache=None, pad_mask: torch.Tensor | None = None,
@@ -290,7 +349,7 @@ class Transformer(nn.Module):
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, C)
         x = self.norm(x)
         if self.lm_head is None:
-            return linear(x, self.embed_tokens.weight)
+            return linear(x, self.embed_tokens.weight, packed=self.head_packed)
         return self.lm_head(x)
 
     def _mask(self, T: int, cache, pad_mask, device) -> torch.Tensor | None:

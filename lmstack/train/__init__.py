@@ -26,6 +26,7 @@ from lmstack.train.loop import (
     accumulate_gradients,
     cross_entropy_sum,
     evaluate,
+    keep_freed_memory,
     perplexity,
     resolve_device,
     train,
@@ -36,6 +37,6 @@ __all__ = [
     "IGNORE_INDEX", "BatchSource", "CheckpointConfig", "CheckpointError", "EvalConfig",
     "LoggingConfig", "OptimConfig", "PrecisionConfig", "ScheduleConfig", "StepStats",
     "TrainConfig", "TrainResult", "accumulate_gradients", "cross_entropy_sum", "evaluate",
-    "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model", "perplexity", "resolve_device",
-    "save_checkpoint", "train", "validate_checkpoint",
+    "keep_freed_memory", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model",
+    "perplexity", "resolve_device", "save_checkpoint", "train", "validate_checkpoint",
 ]

@@ -12,6 +12,8 @@ One optimizer step:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -84,6 +86,24 @@ class TrainResult:
     checkpoint: Path | None  # the final checkpoint (None without out_dir)
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
+
+    Every CPU training step allocates and frees the same large tensors (logits, their gradient);
+    by default glibc hands such blocks back to the OS and takes them again next step, and each
+    of their pages faults on first touch. Keeping them cut page faults 4x and a llama-10m bf16
+    step by 10-13% (Zen 4). The cost: the process keeps its peak memory. Returns whether it
+    applied (glibc only; a no-op elsewhere)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        # M_TRIM_THRESHOLD (-1): keep up to 2 GiB free at the heap top; M_MMAP_THRESHOLD (-3):
+        # blocks under 1 GiB come from the heap, not from their own mmap
+        return bool(libc.mallopt(-1, 2 << 30) and libc.mallopt(-3, 1 << 30))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
 def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
           out_dir: str | Path | None = None, val_batches: Sequence[Batch] | None = None,
           loss_fn: LossFn = cross_entropy_sum, hooks: Sequence[Hook] = (),
@@ -96,6 +116,8 @@ def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
     check_seq_len(model, cfg.seq_len)
     device = next(model.parameters()).device
     precision = Precision(cfg.precision.dtype, device)
+    if device.type == "cpu":
+        keep_freed_memory()
     optimizer = make_optimizer(model, cfg.optim)
     run = _start(model, optimizer, precision, batches, cfg, resume_from)
     _apply_transforms(model, cfg)

@@ -573,3 +573,11 @@ def test_keep_freed_memory_stops_page_faults_on_reused_buffers():
 
     default, kept = faults("default"), faults("keep")
     assert kept * 5 < default, f"page faults: {kept} kept vs {default} by default"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_picks_bf16_only_where_the_cpu_has_native_bf16(native, monkeypatch):
+    import lmstack.train.precision as precision
+
+    monkeypatch.setattr(precision, "NATIVE_CPU_BF16", native)
+    assert precision.resolve_dtype("auto", torch.device("cpu")) == ("bf16" if native else "fp32")

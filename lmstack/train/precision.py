@@ -30,10 +30,12 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
-    """'auto' -> 'bf16' on a CUDA device that supports it, else 'fp32'; check the others fit."""
+    """'auto' -> 'bf16' on a CUDA device that supports it or a CPU with native bf16 matmuls
+    (AVX512-BF16 / AMX: llama-10m trains ~1.5x faster than fp32 on Zen 4), else 'fp32'; check
+    the others fit."""
     if name == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return "bf16" if cuda_bf16 else "fp32"
+        return "bf16" if cuda_bf16 or (device.type == "cpu" and NATIVE_CPU_BF16) else "fp32"
     if name not in AUTOCAST_DTYPES:
         raise ValueError(f"--train.precision.dtype={name!r}: choose auto, fp32, bf16 or fp16")
     if name == "fp16" and device.type != "cuda":

@@ -229,7 +229,8 @@ def static_decode_rate(model: Transformer, prompt: list[int], n: int) -> float:
 @torch.inference_mode()
 def matvec_ceiling(model: Transformer) -> float:
     """Tokens/s if a token cost only one (1, in) x (in, out) product per linear layer: the
-    speed of the matrix-vector kernel itself, with nothing else of the model around it."""
+    speed of the matrix-vector kernel itself (on the packed weights once an LLM has packed
+    them), with nothing else of the model around it."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     dtype = next(model.parameters()).dtype
     inputs = [torch.zeros(1, m.in_features, dtype=dtype) for m in linears]
@@ -259,7 +260,7 @@ def part_b(args, folder: Path) -> None:
              f"params, {weight_bytes / 1e6:.0f} MB read per token, {bandwidth / 1e9:.1f} GB/s measured")
     table(title, [("bandwidth bound (weight bytes / bandwidth)", bound, "upper limit"),
                   ("bf16 matvec kernels alone (every linear once)", ceiling,
-                   f"{weight_bytes * ceiling / 1e9:.1f} GB/s through F.linear"),
+                   f"{weight_bytes * ceiling / 1e9:.1f} GB/s through the linears"),
                   ("lmstack.model.generate (StaticCache, no engine)", static,
                    f"{bound / static:.2f}x from the bound"),
                   ("lmstack LLM decode", rate, f"{bound / rate:.2f}x from the bound")],

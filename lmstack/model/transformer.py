@@ -81,26 +81,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            packed: PackedWeight | None = None) -> torch.Tensor:
     """x @ weight.T + bias, as F.linear, through the fastest CPU inference kernel measured.
 
-    With a fresh `PackedWeight` (see `Transformer.pack_for_cpu_inference`) and no autograd, the
-    product runs on the packed copy. Otherwise fp32 inference on CPU with MKL computes
-    (weight @ x.T).T for 2-64 rows: the same products, an operand order MKL's GEMM ran 1.3-2.4x
-    faster for those sizes (measured on Zen 3). Everything else keeps F.linear: builds without
-    MKL (not measured), one row (no gain), more rows (the transposed copy of a large result costs
-    more than the gain), training (its backward through this form was slower), bf16, autocast
-    (it must see F.linear) and CUDA.
+    CPU inference only (no autograd, no autocast: autocast must see F.linear):
+    - fp32 with MKL, 2 rows, or 2-64 rows without a packed copy: (weight @ x.T).T, the same
+      products in the operand order MKL's GEMM ran 1.3-2.4x faster for those sizes (Zen 3), and
+      still 1.4-1.6x faster than the packed kernel for exactly 2 rows (Zen 4);
+    - with a fresh `PackedWeight` (see `Transformer.pack_for_cpu_inference`): the packed copy.
+    Everything else keeps F.linear: builds without MKL (not measured), one row or more than 64
+    unpacked (no gain / the transposed copy of a large result costs more), training (its
+    backward through the swapped form was slower), unpacked bf16, and CUDA.
     """
-    grad = torch.is_grad_enabled()
-    if (packed is not None and not grad and x.dtype == weight.dtype and x.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu") and packed.matches(weight)):
-        return packed_linear(x, packed, bias)
-    rows = x.numel() // x.shape[-1]
-    if (not 2 <= rows <= 64 or not MKL or grad or x.device.type != "cpu"
-            or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or torch.is_autocast_enabled("cpu")):
+    if torch.is_grad_enabled() or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return F.linear(x, weight, bias)
-    x2d = x.reshape(rows, x.shape[-1])
-    y = weight @ x2d.T if bias is None else torch.addmm(bias[:, None], weight, x2d.T)  # (N, rows)
-    return y.T.contiguous().view(*x.shape[:-1], weight.shape[0])
+    rows = x.numel() // x.shape[-1]
+    fp32 = x.dtype == torch.float32 and weight.dtype == torch.float32
+    if MKL and fp32 and (rows == 2 or packed is None and 2 <= rows <= 64):
+        x2d = x.reshape(rows, x.shape[-1])
+        y = weight @ x2d.T if bias is None else torch.addmm(bias[:, None], weight, x2d.T)  # (N, rows)
+        return y.T.contiguous().view(*x.shape[:-1], weight.shape[0])
+    if packed is not None and x.dtype == weight.dtype and packed.matches(weight):
+        return packed_linear(x, packed, bias)
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):

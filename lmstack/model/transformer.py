@@ -177,7 +177,6 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (scores.softmax(-1) @ v).to(q.dtype)
 
 
-
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
          mask: torch.Tensor | None) -> torch.Tensor:
     """Fused attention; mask=None means plain causal over T == S.

@@ -71,6 +71,17 @@ def test_greedy_matches_one_at_a_time_generate(model, reference, options):
     assert_all_free(llm)
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_packed_and_unpacked_engines_give_the_reference_tokens(reference, model, pack):
+    """LLM(pack_weights=...) packs a CPU model's linears (or leaves them alone); both kernels
+    give the reference decoder's greedy tokens."""
+    fresh = Transformer.build(model.config, seed=0).eval()  # the same weights, never packed
+    llm = LLM(fresh, pack_weights=pack)
+    packed = [m.packed is not None for m in fresh.modules() if hasattr(m, "packed")]
+    assert packed and all(packed) == pack and any(packed) == pack
+    assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == reference
+
+
 def test_prefix_cache_warm_equals_cold_and_hits(model, reference):
     llm = LLM(model, block_size=4)
     cold = llm.generate(mixed_prompts(), GREEDY)

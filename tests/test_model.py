@@ -150,13 +150,17 @@ def test_packed_model_gives_the_same_logits(preset):
         packed = model(x)
     n_linears = sum(isinstance(m, transformer.Linear) for m in model.modules())
     assert n == n_linears + (model.lm_head is None)
+    copies = [m.packed for m in model.modules() if isinstance(m, transformer.Linear)]
+    assert model.pack_for_cpu_inference() == n  # fresh copies are kept, not made again
+    assert copies == [m.packed for m in model.modules() if isinstance(m, transformer.Linear)]
     torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model(x).logsumexp(-1).mean().backward()
     opt.step()
     with torch.no_grad():
         after = model(x)
-        model.pack_for_cpu_inference()
+        model.pack_for_cpu_inference()  # stale copies are made again
+        assert all(m.packed.matches(m.weight) for m in model.modules() if isinstance(m, transformer.Linear))
         torch.testing.assert_close(model(x), after, rtol=1e-5, atol=1e-5)
     assert (after - expected).abs().max() > 1e-3  # the update did change the logits
 

@@ -73,6 +73,13 @@ class PackedWeight:
         return self._source() is weight and self._stamp == (weight.data_ptr(), weight._version)
 
 
+def _pack(weight: torch.Tensor, current: PackedWeight | None) -> PackedWeight | None:
+    """A packed copy of weight: `current` if it still matches, None where packing is unsupported."""
+    if current is not None and current.matches(weight):
+        return current
+    return PackedWeight(weight) if PackedWeight.supports(weight) else None
+
+
 def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed.tensor, bias, "none", [], "")
 
@@ -304,14 +311,14 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def pack_for_cpu_inference(self) -> int:
         """Give every `Linear` (and a tied head) a `PackedWeight` for faster CPU inference;
-        return how many were packed. The packed copies double those weights' memory, are used
-        only without autograd, and are ignored once their weight changes (call again then)."""
+        return how many are packed. The packed copies double those weights' memory, are used
+        only without autograd, and are ignored once their weight changes (call again then:
+        copies that still match their weight are kept, not made again)."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         for m in linears:
-            m.packed = PackedWeight(m.weight) if PackedWeight.supports(m.weight) else None
+            m.packed = _pack(m.weight, m.packed)
         if self.lm_head is None:
-            weight = self.embed_tokens.weight
-            self.head_packed = PackedWeight(weight) if PackedWeight.supports(weight) else None
+            self.head_packed = _pack(self.embed_tokens.weight, self.head_packed)
         return sum(m.packed is not None for m in linears) + (self.head_packed is not None)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,

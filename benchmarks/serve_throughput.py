@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "run each: random weights give a layer-skip draft no agreement, damping "
                         "gives some (smaller: more), like a real draft of a trained target")
     p.add_argument("--parts", default="abc", help="which parts to run, e.g. 'a' or 'bc'")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="LLM(pack_weights=...): run the engine's linears on oneDNN-packed weight "
+                        "copies on CPU (--no-pack: F.linear, for comparison; lmstack's static "
+                        "batch then runs unpacked too)")
     p.add_argument("--skip-hf-cb", action="store_true", help="(a) skip transformers' continuous batching")
     p.add_argument("--repeats", type=int, default=3,
                    help="(a) runs of each method, taking turns; the table shows each one's best "
@@ -115,9 +119,9 @@ def table(title: str, rows: list[tuple[str, float, str]], unit: str, baseline: s
 
 # ----------------------------------------------------------------------------- (a) throughput
 
-def run_lmstack_engine(model, prompts, lens, max_batched_tokens: int) -> int:
+def run_lmstack_engine(model, prompts, lens, max_batched_tokens: int, pack: bool) -> int:
     llm = LLM(model, max_num_seqs=len(prompts), max_num_batched_tokens=max_batched_tokens,
-              num_blocks=sum(-(-(len(p) + n) // 16) + 1 for p, n in zip(prompts, lens, strict=True)))
+              pack_weights=pack, num_blocks=sum(-(-(len(p) + n) // 16) + 1 for p, n in zip(prompts, lens, strict=True)))
     outs = llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0.0) for n in lens])
     return sum(len(o.token_ids) for o in outs)
 
@@ -177,7 +181,7 @@ def part_a(args, folder: Path) -> None:
     prompts, lens = workload(args, model.config.vocab_size)
     budget = 1024
     methods = [
-        ("lmstack LLM (continuous batching)", lambda p, n: run_lmstack_engine(model, p, n, budget)),
+        ("lmstack LLM (continuous batching)", lambda p, n: run_lmstack_engine(model, p, n, budget, args.pack)),
         ("lmstack static batch (model.generate)", lambda p, n: run_lmstack_static(model, p, n, len(p))),
         ("transformers generate() static batch", lambda p, n: run_hf_static(hf, p, n, len(p))),
     ]
@@ -248,7 +252,7 @@ def part_b(args, folder: Path) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                        if n != "embed_tokens.weight")
     bandwidth = measured_bandwidth()
-    llm = LLM(model, max_num_seqs=1, num_blocks=64)
+    llm = LLM(model, max_num_seqs=1, num_blocks=64, pack_weights=args.pack)
     prompt = list(range(1, 17))
     decode_rate(llm, prompt, 4)  # warm up
     # best of 3: one request is short, and other work on shared cores stalls it at random
@@ -306,7 +310,7 @@ def spec_run(args, target: Transformer, damp: float) -> None:
         for name, draft in [("plain decoding", None), *drafts.items()]:
             opts = {} if draft is None else {"speculative_model": draft,
                                              "num_speculative_tokens": args.spec_k}
-            llm = LLM(target, max_num_seqs=batch, num_blocks=128, **opts)
+            llm = LLM(target, max_num_seqs=batch, num_blocks=128, pack_weights=args.pack, **opts)
             llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))  # warm up
             params = [SamplingParams(max_tokens=n, temperature=0.0) for n in lens[:batch]]
             seconds, outs = timed(lambda llm=llm, p=params, b=batch: llm.generate(prompts[:b], p))

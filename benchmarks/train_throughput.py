@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="also time both models with every block torch.compiled")
     p.add_argument("--peak-n", type=int, default=1024, help="side of the square peak matmuls")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep_freed_memory() as lmstack's loop does on CPU, for both models (one "
+                        "process); --no-keep-freed-memory shows glibc's default")
     p.add_argument("--profile", action="store_true", help="print the top ops of each eager step")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     return p.parse_args(argv)
@@ -238,7 +241,8 @@ def print_table(rows: list[dict], peaks: dict[str, Peak]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    keep_freed_memory()  # as lmstack's loop does on CPU; the same process, so for both models
+    if args.keep_freed_memory:
+        keep_freed_memory()
     peaks = {d: Peak(DTYPES[d], args.peak_n) for d in args.dtype}
     for peak in peaks.values():
         peak.measure()

@@ -89,7 +89,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x @ weight.T + bias, as F.linear, through the fastest CPU inference kernel measured.
 
     CPU inference only (no autograd, no autocast: autocast must see F.linear):
-    - fp32 with MKL, 2 rows, or 2-64 rows without a packed copy: (weight @ x.T).T, the same
+    - fp32 with MKL, 2 rows, or 2-64 rows without a fresh packed copy: (weight @ x.T).T, the same
       products in the operand order MKL's GEMM ran 1.3-2.4x faster for those sizes (Zen 3), and
       still 1.4-1.6x faster than the packed kernel for exactly 2 rows (Zen 4);
     - with a fresh `PackedWeight` (see `Transformer.pack_for_cpu_inference`): the packed copy.
@@ -101,11 +101,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     fp32 = x.dtype == torch.float32 and weight.dtype == torch.float32
-    if MKL and fp32 and (rows == 2 or packed is None and 2 <= rows <= 64):
+    fresh = packed is not None and x.dtype == weight.dtype and packed.matches(weight)
+    if MKL and fp32 and (rows == 2 or not fresh and 2 <= rows <= 64):
         x2d = x.reshape(rows, x.shape[-1])
         y = weight @ x2d.T if bias is None else torch.addmm(bias[:, None], weight, x2d.T)  # (N, rows)
         return y.T.contiguous().view(*x.shape[:-1], weight.shape[0])
-    if packed is not None and x.dtype == weight.dtype and packed.matches(weight):
+    if fresh:
         return packed_linear(x, packed, bias)
     return F.linear(x, weight, bias)
 

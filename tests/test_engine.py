@@ -82,6 +82,45 @@ def test_packed_and_unpacked_engines_give_the_reference_tokens(reference, model,
     assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == reference
 
 
+def test_compiled_decode_gives_the_reference_tokens_until_the_weights_change(model, reference):
+    """LLM(compile=True) runs decode steps through inductor (weights frozen in) and gives the
+    reference tokens; once a weight changes in place, decode runs eagerly with the new weights."""
+    from lmstack.infer.compiled import CompiledDecode
+
+    fresh = Transformer.build(model.config, seed=0).eval()
+    # no prefix caching: cached blocks would keep keys/values of the old weights
+    llm = LLM(fresh, compile=True, enable_prefix_caching=False)
+    calls = []
+    compiled = llm.runner.decode_model.compiled
+    llm.runner.decode_model.compiled = lambda *a, **k: calls.append(1) or compiled(*a, **k)
+    assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == reference
+    assert isinstance(llm.runner.decode_model, CompiledDecode)
+    assert len(calls) >= MAX_TOKENS - 1 and llm.runner.decode_model.eager_reason is None
+    with torch.no_grad():
+        fresh.layers[0].mlp.down_proj.weight.mul_(-3.0)
+    changed = [generate(fresh, [p], MAX_TOKENS)[0] for p in mixed_prompts()]
+    assert changed != reference
+    n = len(calls)
+    with pytest.warns(RuntimeWarning, match="weights changed"):
+        outs = llm.generate(mixed_prompts(), GREEDY)
+    assert [o.token_ids for o in outs] == changed and len(calls) == n
+    assert_all_free(llm)
+
+
+def test_compiled_decode_falls_back_to_eager_when_compilation_fails(model, reference):
+    llm = LLM(model, compile=True, pack_weights=False)
+
+    def broken(*args, **kwargs):
+        raise torch._dynamo.exc.TorchDynamoException("no kernel for this op\nmore detail")
+
+    llm.runner.decode_model.compiled = broken
+    with pytest.warns(RuntimeWarning, match="compilation failed .*no kernel for this op"):
+        outs = llm.generate(mixed_prompts(), GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    assert "no kernel" in llm.runner.decode_model.eager_reason
+    assert_all_free(llm)
+
+
 def test_prefix_cache_warm_equals_cold_and_hits(model, reference):
     llm = LLM(model, block_size=4)
     cold = llm.generate(mixed_prompts(), GREEDY)

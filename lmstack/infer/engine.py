@@ -61,6 +61,11 @@ class EngineConfig:
     pack_weights: bool = True
     """CPU: run linears on oneDNN-packed copies of their weights (1.15-1.9x faster products; a
     second copy of those weights in memory). See Transformer.pack_for_cpu_inference."""
+    compile: bool = False
+    """torch.compile the decode steps (one new token per sequence; prefill stays eager), with
+    the weights frozen into the compiled code: ~1.9x faster single-request bf16 decode on CPU,
+    after a compilation of tens of seconds at the first decode steps and with another copy of
+    the weights. If the weights change later, decode falls back to eager (see CompiledDecode)."""
     seed: int = 0
     """Seeds the sampling of requests that bring no seed of their own."""
     speculative_model: str | Path | torch.nn.Module | None = None
@@ -92,7 +97,7 @@ class LLM:
         k = cfg.num_speculative_tokens if cfg.speculative_model is not None else 0
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    cfg.max_prefill_chunk, num_lookahead_slots=k)
-        self.runner = ModelRunner(self.model, self.kv, cfg.seed)
+        self.runner = ModelRunner(self.model, self.kv, cfg.seed, cfg.compile)
         self.speculator = _make_speculator(self.runner, cfg, self.max_model_len)
         self.eos_id = getattr(self.tokenizer, "eos_id", None)
         self.requests: dict[str, _Request] = {}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmstack.infer.compiled import CompiledDecode
 from lmstack.infer.outputs import TokenLogprob
 from lmstack.infer.sampling import BatchSampling, compute_logprobs, sample, token_counts
 from lmstack.infer.scheduler import ScheduledBatch
@@ -26,8 +27,10 @@ class SampledToken:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv: PagedKVCache, seed: int = 0):
+    def __init__(self, model: torch.nn.Module, kv: PagedKVCache, seed: int = 0,
+                 compile_decode: bool = False):
         self.model = model
+        self.decode_model = CompiledDecode(model) if compile_decode else None
         self.kv = kv
         self.device = model.embed_tokens.weight.device
         self.vocab_size = model.config.vocab_size
@@ -46,7 +49,7 @@ class ModelRunner:
         rows = [(seq.token_slice(seq.num_computed_tokens, seq.num_computed_tokens + n),
                  seq.block_table, seq.num_computed_tokens)
                 for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True)]
-        return last_token_logits(self.model, self.kv, rows, self.device)
+        return last_token_logits(self.model, self.kv, rows, self.device, self.decode_model)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampledToken]:

@@ -173,17 +173,19 @@ def prepare_step(kv: PagedKVCache, rows: list[Row], device: torch.device | str,
 
 @torch.no_grad()
 def last_token_logits(model: torch.nn.Module, kv: PagedKVCache, rows: list[Row],
-                      device: torch.device | str) -> torch.Tensor:
+                      device: torch.device | str, decode_model=None) -> torch.Tensor:
     """Run the model over the rows' new tokens; logits (R, V) at each row's last one.
 
     Single-token rows and longer ones run as separate passes (see split_decodes), the longer
-    ones packed into lanes, and the head runs only at the last tokens.
+    ones packed into lanes, and the head runs only at the last tokens. `decode_model`, if
+    given, runs the single-token pass instead of `model` (e.g. a compiled one).
     """
     groups = split_decodes(rows)
     out = None
     for group in groups:
         tokens, positions, meta = prepare_step(kv, [rows[i] for i in group], device, pack=True)
-        logits = model(tokens, positions, cache=meta, logits_index=meta.logits_index)
+        run = decode_model if decode_model is not None and tokens.shape[1] == 1 else model
+        logits = run(tokens, positions, cache=meta, logits_index=meta.logits_index)
         logits = logits.flatten(0, 1)[meta.logits_rows]  # (G, V)
         if len(groups) == 1:
             return logits

@@ -95,9 +95,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     - with a fresh `PackedWeight` (see `Transformer.pack_for_cpu_inference`): the packed copy.
     Everything else keeps F.linear: builds without MKL (not measured), one row or more than 64
     unpacked (no gain / the transposed copy of a large result costs more), training (its
-    backward through the swapped form was slower), unpacked bf16, and CUDA.
+    backward through the swapped form was slower), unpacked bf16, CUDA, and code being traced
+    by torch.compile (the compiler lays out and runs the products itself).
     """
-    if torch.is_grad_enabled() or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+    if (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu"
+            or torch.is_autocast_enabled("cpu")):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     fp32 = x.dtype == torch.float32 and weight.dtype == torch.float32

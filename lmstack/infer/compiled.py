@@ -1,0 +1,78 @@
+"""CompiledDecode: the model's decode steps (one new token per lane) through torch.compile.
+
+A decode step of a small batch reads every weight once to compute a few rows, and runs ~50
+small ops per layer besides. Inductor fuses those ops into a few generated kernels and, with
+`freezing`, treats the weights as constants that it lays out once for its own kernels; on CPU
+`max_autotune` with the C++ GEMM template generates matrix-vector products that stream bf16
+weights at 20-33 GB/s where oneDNN's packed linear reaches 12-25 (Zen 4, one-off measurement of
+the llama-150m shapes). Prefill chunks stay eager: their shapes change every step.
+
+Frozen weights are copies: if the model's weights change after the first compiled step (an
+optimizer step, `load_state_dict`, a LoRA merge), the compiled steps would compute with the old
+ones. Every call therefore checks each weight's identity, data pointer and version counter and,
+once anything changed, runs the eager model from then on (with a warning). A failed compilation
+does the same. Either way the tokens stay right; only the speed is lost.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+# inductor options for decode steps; on CPU the C++ GEMM template only (autotuning against
+# oneDNN's kernel benchmarks both with the weights in cache and picks oneDNN's, which is slower
+# when the weights stream from memory, as they do in decode)
+OPTIONS = {"freezing": True}
+CPU_OPTIONS = {**OPTIONS, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+
+
+class _Snapshot:
+    """Which module, parameter and buffer objects a model holds, and each tensor's data pointer
+    and version counter: `changed()` is True after a replacement (`.weight = ...`, a LoRA
+    wrapper swapped in), a `.data =` or any in-place write (writes through `.data`, which has a
+    version counter of its own, go unseen). ~0.04 ms for a 12-layer model."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.entries = [(slots, name, obj) for m in model.modules()
+                        for slots in (m._modules, m._parameters, m._buffers)
+                        for name, obj in slots.items()]
+        self.tensors = [(t, t.data_ptr(), t._version) for _, _, t in self.entries
+                        if isinstance(t, torch.Tensor)]
+
+    def changed(self) -> bool:
+        return (any(slots.get(name) is not obj for slots, name, obj in self.entries)
+                or any(t.data_ptr() != ptr or t._version != v for t, ptr, v in self.tensors))
+
+
+class CompiledDecode:
+    """Call as the model: `(tokens, positions, cache=meta, logits_index=...)` for decode steps."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.options = CPU_OPTIONS if model.embed_tokens.weight.device.type == "cpu" else OPTIONS
+        self.compiled = torch.compile(model)
+        self.snapshot = _Snapshot(model)
+        self.eager_reason: str | None = None
+        """Why decode steps now run eagerly; None while they run compiled."""
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, logits_index):
+        if self.eager_reason is None and self.snapshot.changed():
+            self._run_eager("the model's weights changed after compilation (the compiled steps "
+                            "hold copies); build a new LLM to compile the new weights")
+        if self.eager_reason is not None:
+            return self.model(tokens, positions, cache=cache, logits_index=logits_index)
+        # key slots grow with the context: one graph for every length, not one per block
+        torch._dynamo.maybe_mark_dynamic(cache.attn_mask, 3)
+        torch._dynamo.maybe_mark_dynamic(cache.key_blocks, 1)
+        try:
+            with torch._inductor.config.patch(self.options):
+                return self.compiled(tokens, positions, cache=cache, logits_index=logits_index)
+        except torch._dynamo.exc.TorchDynamoException as e:  # the compiler's, not the step's
+            self._run_eager(f"compilation failed ({type(e).__name__}: {str(e).splitlines()[0]})")
+            return self.model(tokens, positions, cache=cache, logits_index=logits_index)
+
+    def _run_eager(self, reason: str) -> None:
+        self.eager_reason = reason
+        warnings.warn(f"compiled decode: {reason}; decode steps run eagerly from now on",
+                      RuntimeWarning, stacklevel=3)

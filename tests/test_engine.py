@@ -105,6 +105,10 @@ def test_compiled_decode_gives_the_reference_tokens_until_the_weights_change(mod
         outs = llm.generate(mixed_prompts(), GREEDY)
     assert [o.token_ids for o in outs] == changed and len(calls) == n
     assert_all_free(llm)
+    # a new engine compiles the new weights (not the first engine's frozen copies)
+    again = LLM(fresh, compile=True, enable_prefix_caching=False)
+    assert [o.token_ids for o in again.generate(mixed_prompts(), GREEDY)] == changed
+    assert again.runner.decode_model.eager_reason is None
 
 
 def test_compiled_decode_falls_back_to_eager_when_compilation_fails(model, reference):

@@ -16,6 +16,8 @@ does the same. Either way the tokens stay right; only the speed is lost.
 
 from __future__ import annotations
 
+import itertools
+import types
 import warnings
 
 import torch
@@ -25,6 +27,7 @@ import torch
 # when the weights stream from memory, as they do in decode)
 OPTIONS = {"freezing": True}
 CPU_OPTIONS = {**OPTIONS, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+_ids = itertools.count()
 
 
 class _Snapshot:
@@ -45,19 +48,31 @@ class _Snapshot:
                 or any(t.data_ptr() != ptr or t._version != v for t, ptr, v in self.tensors))
 
 
+def _decode_step(model, tokens, positions, cache, logits_index):
+    return model(tokens, positions, cache=cache, logits_index=logits_index)
+
+
 class CompiledDecode:
     """Call as the model: `(tokens, positions, cache=meta, logits_index=...)` for decode steps."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.options = CPU_OPTIONS if model.embed_tokens.weight.device.type == "cpu" else OPTIONS
-        self.compiled = torch.compile(model)
-        self.snapshot = _Snapshot(model)
+        # a code object of its own to compile: dynamo keeps compiled code per code object,
+        # guarded by shapes and types but not by weight values, so a compile of the model's own
+        # forward would hand a later CompiledDecode of the same model the first one's frozen
+        # (maybe since changed) weights
+        code = _decode_step.__code__.replace(co_name=f"decode_step_{next(_ids)}")
+        self.compiled = torch.compile(types.FunctionType(code, _decode_step.__globals__))
+        self.snapshot: _Snapshot | None = None  # the weights the compiler froze: taken at the first call
         self.eager_reason: str | None = None
         """Why decode steps now run eagerly; None while they run compiled."""
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, logits_index):
-        if self.eager_reason is None and self.snapshot.changed():
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache,
+                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        if self.snapshot is None:
+            self.snapshot = _Snapshot(self.model)
+        elif self.eager_reason is None and self.snapshot.changed():
             self._run_eager("the model's weights changed after compilation (the compiled steps "
                             "hold copies); build a new LLM to compile the new weights")
         if self.eager_reason is not None:
@@ -67,7 +82,7 @@ class CompiledDecode:
         torch._dynamo.maybe_mark_dynamic(cache.key_blocks, 1)
         try:
             with torch._inductor.config.patch(self.options):
-                return self.compiled(tokens, positions, cache=cache, logits_index=logits_index)
+                return self.compiled(self.model, tokens, positions, cache, logits_index)
         except torch._dynamo.exc.TorchDynamoException as e:  # the compiler's, not the step's
             self._run_eager(f"compilation failed ({type(e).__name__}: {str(e).splitlines()[0]})")
             return self.model(tokens, positions, cache=cache, logits_index=logits_index)

@@ -135,6 +135,26 @@ def test_prefix_cache_warm_equals_cold_and_hits(model, reference):
     assert sum(o.metrics.num_cached_tokens for o in warm) == llm.blocks.hit_tokens - hits_cold
 
 
+def test_reset_prefix_cache_after_a_weight_change():
+    """Cached blocks hold keys/values of the weights they were computed with: after an in-place
+    change they would give wrong tokens, and reset_prefix_cache stops their reuse."""
+    fresh = build("tiny-llama")
+    llm = LLM(fresh, block_size=4)
+    assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == [
+        generate(fresh, [p], MAX_TOKENS)[0] for p in mixed_prompts()]
+    cold_hits = llm.blocks.hit_tokens  # prompts sharing a prefix within the run
+    with torch.no_grad():
+        fresh.layers[0].self_attn.k_proj.weight.mul_(-2.0)
+    changed = [generate(fresh, [p], MAX_TOKENS)[0] for p in mixed_prompts()]
+    stale = [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)]
+    assert stale != changed  # the old blocks were hit
+    assert llm.reset_prefix_cache() > 0
+    hits = llm.blocks.hit_tokens
+    assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == changed
+    assert llm.blocks.hit_tokens - hits == cold_hits  # as cold as the first run
+    assert_all_free(llm)
+
+
 def test_requests_joining_a_running_batch(model, reference):
     """An outer loop adds a request every step: outputs do not depend on the neighbours."""
     llm = LLM(model, block_size=4, max_num_batched_tokens=16)

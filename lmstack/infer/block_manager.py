@@ -90,6 +90,15 @@ class BlockManager:
                 self.block_key[block] = key
         seq.num_committed_blocks = max(seq.num_committed_blocks, full)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block, so that none is reused (after the model's weights change
+        their keys and values are stale); return how many were cached. Blocks in use stay
+        with their sequences."""
+        n = len(self.cached)
+        self.cached.clear()
+        self.block_key = [None] * self.num_blocks
+        return n
+
     # ------------------------------------------------------------------------- allocation
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:

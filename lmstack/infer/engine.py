@@ -287,6 +287,11 @@ class LLM:
         checked = [self._validate(p, sp, None) for p, sp in zip(prompts, params, strict=True)]
         return [self._enqueue(ids, sp, None) for ids, sp in checked]
 
+    def reset_prefix_cache(self) -> int:
+        """Stop reusing cached prompt blocks (call it after changing the model's weights in
+        place: cached keys/values were computed with the old ones); returns how many there were."""
+        return self.blocks.reset_prefix_cache()
+
     def stats(self) -> dict[str, float]:
         b = self.blocks
         return {"free_blocks": b.num_free_blocks, "num_blocks": b.num_blocks,
@@ -322,7 +327,7 @@ def _make_speculator(runner: ModelRunner, cfg: EngineConfig,
         draft = load_model(draft, runner.device)
     if cfg.pack_weights:
         draft.pack_for_cpu_inference()
-    return SpeculativeDecoder(runner, draft, cfg.num_speculative_tokens, max_model_len)
+    return SpeculativeDecoder(runner, draft, cfg.num_speculative_tokens, max_model_len, cfg.compile)
 
 
 def _make_kv_cache(model, cfg: EngineConfig, max_model_len: int) -> PagedKVCache:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from lmstack.infer.compiled import CompiledDecode
 from lmstack.infer.runner import ModelRunner
 from lmstack.infer.sampling import BatchSampling, exponential_noise, sampling_probs
 from lmstack.infer.scheduler import ScheduledBatch
@@ -96,7 +97,8 @@ class SpeculativeDecoder:
     steps, the last accepted tokens) is fed to the draft first. One host sync per step.
     """
 
-    def __init__(self, runner: ModelRunner, draft: torch.nn.Module, k: int, max_model_len: int):
+    def __init__(self, runner: ModelRunner, draft: torch.nn.Module, k: int, max_model_len: int,
+                 compile: bool = False):
         target = runner.model
         if k <= 0:
             raise ValueError(f"num_speculative_tokens={k} must be >= 1 with a speculative_model")
@@ -107,6 +109,11 @@ class SpeculativeDecoder:
         self.runner, self.k = runner, k
         emb = target.embed_tokens.weight
         self.draft = draft.to(device=emb.device, dtype=emb.dtype).eval()
+        # compiled: the draft's one-token steps, and the target's verify pass (k + 1 tokens,
+        # through the runner's CompiledDecode: another graph of the same fixed width)
+        self.draft_compiled = CompiledDecode(self.draft) if compile else None
+        self.draft_step = self.draft_compiled or self.draft
+        self.target_step = runner.decode_model or runner.model
         c, kv = draft.config, runner.kv
         self.draft_kv = PagedKVCache(c.n_layers, kv.num_blocks, kv.block_size, c.n_kv_heads,
                                      c.head_dim, emb.device, emb.dtype, c.sliding_window)
@@ -155,14 +162,15 @@ class SpeculativeDecoder:
         starts = [self._draft_start(seq) for seq in seqs]
         rows = [(seq.token_slice(a, seq.num_tokens), seq.block_table, a)
                 for seq, a in zip(seqs, starts, strict=True)]
-        last = last_token_logits(self.draft, self.draft_kv, rows, device)  # (B, V)
+        last = last_token_logits(self.draft, self.draft_kv, rows, device, self.draft_compiled)
         gens = [self.runner.generators.get(q.seq_id) for q in seqs]
         drafted, probs = [], []
         for j in range(self.k):
             if j > 0:  # feed each row its previous draft token (known only on the device)
                 rows = [([0], seq.block_table, seq.num_tokens + j - 1) for seq in seqs]
                 _, positions, meta = prepare_step(self.draft_kv, rows, device)
-                last = self.draft(drafted[-1][:, None], positions, cache=meta)[:, 0]
+                last = self.draft_step(drafted[-1][:, None], positions, cache=meta,
+                                       logits_index=meta.logits_index)[:, 0]
             probs.append(last if s.all_greedy else sampling_probs(last, s))  # greedy: unused
             drafted.append(self._draw(last, probs[-1], s, gens))
         return torch.stack(drafted, 1), torch.stack(probs, 1)
@@ -181,7 +189,7 @@ class SpeculativeDecoder:
         last = torch.tensor([seq.token_slice(seq.num_tokens - 1, seq.num_tokens)[0] for seq in seqs],
                             device=self.runner.device)
         tokens = torch.cat([last[:, None], draft_tokens], dim=1)  # (B, k + 1)
-        return self.runner.model(tokens, positions, cache=meta)
+        return self.target_step(tokens, positions, cache=meta)
 
     def _accept(self, p_logits, q, draft_tokens, s: BatchSampling, seqs):
         tokens, n = accept_greedy(p_logits, draft_tokens)

@@ -114,8 +114,9 @@ class AttnMetadata:
         # whole blocks: index_select of contiguous (block_size, D) chunks is several times
         # faster than gathering single slots
         blocks = self.key_blocks.flatten()
-        k_all = self.kv.k[layer].index_select(1, blocks).view(Hkv, L, -1, D)  # (Hkv, L, S, D)
-        v_all = self.kv.v[layer].index_select(1, blocks).view(Hkv, L, -1, D)
+        S = self.key_blocks.shape[1] * self.kv.block_size  # a product: no division for compile to guard
+        k_all = self.kv.k[layer].index_select(1, blocks).view(Hkv, L, S, D)  # (Hkv, L, S, D)
+        v_all = self.kv.v[layer].index_select(1, blocks).view(Hkv, L, S, D)
         return k_all.transpose(0, 1), v_all.transpose(0, 1)  # (L, Hkv, S, D)
 
     def advance(self, T: int) -> None:
@@ -184,7 +185,8 @@ def last_token_logits(model: torch.nn.Module, kv: PagedKVCache, rows: list[Row],
     out = None
     for group in groups:
         tokens, positions, meta = prepare_step(kv, [rows[i] for i in group], device, pack=True)
-        run = decode_model if decode_model is not None and tokens.shape[1] == 1 else model
+        decodes = tokens.shape[1] == 1 and not meta.fresh  # a 1-token prompt is fresh
+        run = decode_model if decode_model is not None and decodes else model
         logits = run(tokens, positions, cache=meta, logits_index=meta.logits_index)
         logits = logits.flatten(0, 1)[meta.logits_rows]  # (G, V)
         if len(groups) == 1:

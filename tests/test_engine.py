@@ -96,6 +96,8 @@ def test_compiled_decode_gives_the_reference_tokens_until_the_weights_change(mod
     assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == reference
     assert isinstance(llm.runner.decode_model, CompiledDecode)
     assert len(calls) >= MAX_TOKENS - 1 and llm.runner.decode_model.eager_reason is None
+    # another engine over the same, unchanged model reuses the compiled steps
+    assert LLM(fresh, compile=True).runner.decode_model is llm.runner.decode_model
     with torch.no_grad():
         fresh.layers[0].mlp.down_proj.weight.mul_(-3.0)
     changed = [generate(fresh, [p], MAX_TOKENS)[0] for p in mixed_prompts()]
@@ -109,6 +111,7 @@ def test_compiled_decode_gives_the_reference_tokens_until_the_weights_change(mod
     again = LLM(fresh, compile=True, enable_prefix_caching=False)
     assert [o.token_ids for o in again.generate(mixed_prompts(), GREEDY)] == changed
     assert again.runner.decode_model.eager_reason is None
+    assert again.runner.decode_model is not llm.runner.decode_model
 
 
 def test_compiled_decode_falls_back_to_eager_when_compilation_fails(model, reference):

@@ -65,8 +65,9 @@ class EngineConfig:
     """torch.compile the decode steps (one new token per sequence; prefill stays eager), with
     the weights frozen into the compiled code: 1.8-2.2x faster single-request bf16 decode on
     CPU (llama-150m), after tens of seconds of compilation at the first decode steps, and with
-    another copy of the weights. If the weights change later, decode falls back to eager (see
-    CompiledDecode)."""
+    another copy of the weights, kept until the process ends (engines over the same model share
+    it). Speculative steps (draft and verify) compile too. If the weights change later, decode
+    falls back to eager (see CompiledDecode)."""
     seed: int = 0
     """Seeds the sampling of requests that bring no seed of their own."""
     speculative_model: str | Path | torch.nn.Module | None = None

@@ -30,7 +30,7 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv: PagedKVCache, seed: int = 0,
                  compile_decode: bool = False):
         self.model = model
-        self.decode_model = CompiledDecode(model) if compile_decode else None
+        self.decode_model = CompiledDecode.for_model(model) if compile_decode else None
         self.kv = kv
         self.device = model.embed_tokens.weight.device
         self.vocab_size = model.config.vocab_size

@@ -111,7 +111,7 @@ class SpeculativeDecoder:
         self.draft = draft.to(device=emb.device, dtype=emb.dtype).eval()
         # compiled: the draft's one-token steps, and the target's verify pass (k + 1 tokens,
         # through the runner's CompiledDecode: another graph of the same fixed width)
-        self.draft_compiled = CompiledDecode(self.draft) if compile else None
+        self.draft_compiled = CompiledDecode.for_model(self.draft) if compile else None
         self.draft_step = self.draft_compiled or self.draft
         self.target_step = runner.decode_model or runner.model
         c, kv = draft.config, runner.kv

@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="(a, b) also run the engine with LLM(compile=True): decode steps through "
                         "torch.compile (tens of seconds of compilation first, not timed)")
+    p.add_argument("--compile-spec", action="store_true",
+                   help="(c) also time one request with LLM(compile=True), plain and with the "
+                        "layer-skip draft (a few minutes of compilation)")
     p.add_argument("--skip-hf-cb", action="store_true", help="(a) skip transformers' continuous batching")
     p.add_argument("--repeats", type=int, default=3,
                    help="(a) runs of each method, taking turns; the table shows each one's best "
@@ -115,9 +118,9 @@ def timed(fn) -> tuple[float, object]:
 def table(title: str, rows: list[tuple[str, float, str]], unit: str, baseline: str) -> None:
     """Print rows of (name, value, note) with each value's ratio to the baseline row's."""
     base = {r[0]: r[1] for r in rows}[baseline]
-    print(f"\n{title}\n{'':2}{'method':44}{unit:>14}{'ratio':>9}  note")
+    print(f"\n{title}\n{'':2}{'method':48}{unit:>14}{'ratio':>9}  note")
     for name, value, note in rows:
-        print(f"{'':2}{name:44}{value:14.1f}{value / base:9.2f}  {note}")
+        print(f"{'':2}{name:48}{value:14.1f}{value / base:9.2f}  {note}")
 
 
 # ----------------------------------------------------------------------------- (a) throughput
@@ -335,11 +338,18 @@ def spec_run(args, target: Transformer, damp: float) -> None:
     prompts, lens = workload(shape, target.config.vocab_size)
     for batch in (1, 8):
         rows = []
-        for name, draft in [("plain decoding", None), *drafts.items()]:
+        runs = [("plain decoding", None, False), *((n, d, False) for n, d in drafts.items())]
+        if args.compile_spec and batch == 1:
+            first = next(iter(drafts))
+            runs += [("plain decoding, compile=True", None, True),
+                     (f"{first}, compile=True", drafts[first], True)]
+        for name, draft, compile in runs:
             opts = {} if draft is None else {"speculative_model": draft,
                                              "num_speculative_tokens": args.spec_k}
-            llm = LLM(target, max_num_seqs=batch, num_blocks=128, pack_weights=args.pack, **opts)
-            llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))  # warm up
+            llm = LLM(target, max_num_seqs=batch, num_blocks=128, pack_weights=args.pack,
+                      compile=compile, **opts)
+            # warm up (and compile: as long as a generation, for each graph)
+            llm.generate(prompts[:1], SamplingParams(max_tokens=4 + 60 * compile, temperature=0.0))
             params = [SamplingParams(max_tokens=n, temperature=0.0) for n in lens[:batch]]
             seconds, outs = timed(lambda llm=llm, p=params, b=batch: llm.generate(prompts[:b], p))
             tokens = sum(len(o.token_ids) for o in outs)

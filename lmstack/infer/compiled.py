@@ -1,4 +1,5 @@
-"""CompiledDecode: the model's decode steps (one new token per lane) through torch.compile.
+"""CompiledDecode: the model's decode steps through torch.compile (one new token per lane, or
+k + 1 when a speculative step verifies k draft tokens: a few fixed widths, each its own graph).
 
 A decode step of a small batch reads every weight once to compute a few rows, and runs ~50
 small ops per layer besides. Inductor fuses those ops into a few generated kernels and, with

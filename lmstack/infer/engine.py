@@ -169,19 +169,25 @@ class LLM:
 
     def step(self) -> list[RequestOutput]:
         """Run one batched forward pass; return an output per request that got a new token."""
+        return self._step(finished_only=False)
+
+    def _step(self, finished_only: bool) -> list[RequestOutput]:
+        """step(); with finished_only, outputs of finished requests only (generate's case: an
+        output copies all of a request's tokens so far, which costs O(n^2) over a long one)."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the scheduler could not place any request; this is a bug")
             return []
         if self.speculator is not None and self.speculator.applies(batch):
-            return self._speculative_step(batch)
+            return self._speculative_step(batch, finished_only)
         sampled = self.runner.execute(batch)
         self.scheduler.advance(batch)
         now = time.time()
-        return [self._append(s, now) for s in sampled]
+        reqs = [self._add_token(s, now) for s in sampled]
+        return [self._output(r) for r in reqs if not finished_only or r.seq.is_finished]
 
-    def _speculative_step(self, batch: ScheduledBatch) -> list[RequestOutput]:
+    def _speculative_step(self, batch: ScheduledBatch, finished_only: bool) -> list[RequestOutput]:
         """The draft proposes k tokens per row, the target verifies; each row gains 1 to k + 1."""
         rows = self.speculator.execute(batch)
         self.scheduler.advance(batch)  # each row's last token now has keys/values
@@ -195,11 +201,9 @@ class LLM:
                 seq.num_computed_tokens += len(tokens) - 1
             req.metrics.num_draft_tokens += self.speculator.k
             req.metrics.num_accepted_draft_tokens += len(tokens) - 1
-            outs.append(self._output(req))
+            if not finished_only or seq.is_finished:
+                outs.append(self._output(req))
         return outs
-
-    def _append(self, s: SampledToken, now: float) -> RequestOutput:
-        return self._output(self._add_token(s, now))
 
     def _add_token(self, s: SampledToken, now: float) -> _Request:
         req = self.requests[s.seq.request_id]
@@ -258,7 +262,7 @@ class LLM:
         ids = self._add_all(prompts, params)
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
-            final.update((o.request_id, o) for o in self.step() if o.finished)
+            final.update((o.request_id, o) for o in self._step(finished_only=True))
         return [final[i] for i in ids]
 
     def stream(self, prompts: Prompt | list[Prompt],

@@ -3,6 +3,7 @@ sampling functions on hand-made distributions, seeds, stop conditions, streaming
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -98,6 +99,7 @@ def test_compiled_decode_gives_the_reference_tokens_until_the_weights_change(mod
     assert len(calls) >= MAX_TOKENS - 1 and llm.runner.decode_model.eager_reason is None
     # another engine over the same, unchanged model reuses the compiled steps
     assert LLM(fresh, compile=True).runner.decode_model is llm.runner.decode_model
+    assert copy.deepcopy(fresh).compiled_decode is None  # a copy has weights of its own
     with torch.no_grad():
         fresh.layers[0].mlp.down_proj.weight.mul_(-3.0)
     changed = [generate(fresh, [p], MAX_TOKENS)[0] for p in mixed_prompts()]

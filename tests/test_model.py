@@ -1,6 +1,8 @@
 """The Transformer's numerics: SDPA vs a written-out reference, cached decoding vs full forward,
 config validation, meta-device build and the model's own accounting."""
 
+import copy
+import io
 import math
 
 import pytest
@@ -135,6 +137,22 @@ def test_packed_linear_equals_f_linear(dtype, shape, bias):
             layer.weight.data = torch.randn_like(layer.weight)  # replaced storage: stale too
             torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
         assert len(calls) == (0 if swapped else 1)
+
+
+@needs_mkldnn
+def test_packed_model_can_be_copied_and_saved_whole():
+    """deepcopy and torch.save of a packed model work (oneDNN's opaque tensors cannot be copied
+    or stored): the copy has no packed copies and the same logits."""
+    model = Transformer.build(ModelConfig.from_preset("tiny-llama"), seed=0)
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    model.pack_for_cpu_inference()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert all(m.packed is None for m in other.modules() if isinstance(m, transformer.Linear))
+        with torch.no_grad():
+            torch.testing.assert_close(other(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 @needs_mkldnn

@@ -36,6 +36,10 @@ CPU_OPTIONS = {**OPTIONS, "max_autotune": True, "max_autotune_gemm_backends": "C
 _ids = itertools.count()
 
 
+def _nothing() -> None:
+    return None
+
+
 class _Snapshot:
     """Which module, parameter and buffer objects a model holds, and each tensor's data pointer
     and version counter: `changed()` is True after a replacement (`.weight = ...`, a LoRA
@@ -102,6 +106,13 @@ class CompiledDecode:
         except torch._dynamo.exc.TorchDynamoException as e:  # the compiler's, not the step's
             self._run_eager(f"compilation failed ({type(e).__name__}: {str(e).splitlines()[0]})")
             return self.model(tokens, positions, cache=cache, logits_index=logits_index)
+
+    # a copied or pickled model gets none: the compiled code belongs to this model's weights
+    def __deepcopy__(self, memo) -> None:
+        return None
+
+    def __reduce__(self):
+        return _nothing, ()
 
     def _run_eager(self, reason: str) -> None:
         self.eager_reason = reason

@@ -72,6 +72,18 @@ class PackedWeight:
     def matches(self, weight: torch.Tensor) -> bool:
         return self._source() is weight and self._stamp == (weight.data_ptr(), weight._version)
 
+    # a copied or pickled model has weights of its own: it gets no packed copy (oneDNN's opaque
+    # tensors can be neither), and packs again when an engine asks
+    def __deepcopy__(self, memo) -> None:
+        return None
+
+    def __reduce__(self):
+        return _nothing, ()
+
+
+def _nothing() -> None:
+    return None
+
 
 def _pack(weight: torch.Tensor, current: PackedWeight | None) -> PackedWeight | None:
     """A packed copy of weight: `current` if it still matches, None where packing is unsupported."""

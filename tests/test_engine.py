@@ -116,6 +116,24 @@ def test_compiled_decode_gives_the_reference_tokens_until_the_weights_change(mod
     assert again.runner.decode_model is not llm.runner.decode_model
 
 
+def test_compiled_decode_with_chunked_prefill_and_preemption(monkeypatch):
+    """Compiled decode steps between prefill chunks and preemptions give the reference tokens.
+    (Without inductor's GEMM autotuning, which the test above covers: these shapes recompile.)"""
+    from lmstack.infer import compiled
+
+    monkeypatch.setattr(compiled, "CPU_OPTIONS", compiled.OPTIONS)
+    model = build("tiny-llama")
+    reference = [generate(model, [p], MAX_TOKENS)[0] for p in mixed_prompts()]
+    llm = LLM(model, compile=True, num_blocks=20, block_size=4, max_num_batched_tokens=8,
+              max_prefill_chunk=3)
+    calls, step = [], llm.runner.decode_model.compiled
+    llm.runner.decode_model.compiled = lambda *a: calls.append(1) or step(*a)
+    assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == reference
+    assert llm.stats()["num_preemptions"] > 0 and llm.runner.decode_model.eager_reason is None
+    assert len(calls) >= MAX_TOKENS - 1
+    assert_all_free(llm)
+
+
 def test_compiled_bf16_decode_step_matches_eager_logits():
     """bf16 decode through inductor's C++ GEMM (on CPU) gives the eager step's logits up to
     bf16 rounding, for a short and a longer context (one graph: the key dimension is dynamic)."""

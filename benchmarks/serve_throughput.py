@@ -349,7 +349,7 @@ def spec_run(args, target: Transformer, damp: float) -> None:
             llm = LLM(target, max_num_seqs=batch, num_blocks=128, pack_weights=args.pack,
                       compile=compile, **opts)
             # warm up (and compile: as long as a generation, for each graph)
-            llm.generate(prompts[:1], SamplingParams(max_tokens=4 + 60 * compile, temperature=0.0))
+            llm.generate(prompts[:1], SamplingParams(max_tokens=64 if compile else 4, temperature=0.0))
             params = [SamplingParams(max_tokens=n, temperature=0.0) for n in lens[:batch]]
             seconds, outs = timed(lambda llm=llm, p=params, b=batch: llm.generate(prompts[:b], p))
             tokens = sum(len(o.token_ids) for o in outs)

@@ -36,10 +36,6 @@ CPU_OPTIONS = {**OPTIONS, "max_autotune": True, "max_autotune_gemm_backends": "C
 _ids = itertools.count()
 
 
-def _nothing() -> None:
-    return None
-
-
 class _Snapshot:
     """Which module, parameter and buffer objects a model holds, and each tensor's data pointer
     and version counter: `changed()` is True after a replacement (`.weight = ...`, a LoRA
@@ -82,10 +78,10 @@ class CompiledDecode:
     def for_model(cls, model: torch.nn.Module) -> CompiledDecode:
         """The CompiledDecode an earlier engine made for this model, while it still runs
         compiled with unchanged weights (no second compilation, no second copy); else a new one."""
-        current = model.__dict__.get("compiled_decode")
+        current = getattr(model, "compiled_decode", None)
         if (current is None or current.eager_reason is not None
                 or current.snapshot is not None and current.snapshot.changed()):
-            current = model.__dict__["compiled_decode"] = cls(model)
+            current = model.compiled_decode = cls(model)
         return current
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache,
@@ -112,7 +108,7 @@ class CompiledDecode:
         return None
 
     def __reduce__(self):
-        return _nothing, ()
+        return type(None), ()  # unpickles as None
 
     def _run_eager(self, reason: str) -> None:
         self.eager_reason = reason

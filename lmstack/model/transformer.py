@@ -78,11 +78,7 @@ class PackedWeight:
         return None
 
     def __reduce__(self):
-        return _nothing, ()
-
-
-def _nothing() -> None:
-    return None
+        return type(None), ()  # unpickles as None
 
 
 def _pack(weight: torch.Tensor, current: PackedWeight | None) -> PackedWeight | None:

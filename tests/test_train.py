@@ -548,12 +548,14 @@ import resource, sys, torch
 from lmstack.train import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
-def one_round():  # a step's pattern: large tensors freed out of order, a larger one after
-    a, b = torch.ones(4 << 20), torch.ones(2 << 20)
+def one_round():  # a step's pattern: large tensors freed out of order, a larger one after;
+    # above 32 MiB, the most that glibc's default ever serves from the heap
+    a, b = torch.ones(10 << 20), torch.ones(9 << 20)
     del a
-    c = torch.ones(6 << 20)
+    c = torch.ones(12 << 20)
     del b, c
-one_round()
+for _ in range(3):  # the heap's layout settles over the first rounds
+    one_round()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
     one_round()

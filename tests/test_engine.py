@@ -94,7 +94,10 @@ def test_compiled_decode_gives_the_reference_tokens_until_the_weights_change(mod
     calls = []
     compiled = llm.runner.decode_model.compiled
     llm.runner.decode_model.compiled = lambda *a, **k: calls.append(1) or compiled(*a, **k)
-    assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == reference
+    with torch.profiler.profile() as prof:
+        assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == reference
+    # steps of several lanes ran oneDNN's packed linears inside the graph (eager never calls the op)
+    assert any(e.name == "lmstack::packed_linear" for e in prof.events())
     assert isinstance(llm.runner.decode_model, CompiledDecode)
     assert len(calls) >= MAX_TOKENS - 1 and llm.runner.decode_model.eager_reason is None
     # another engine over the same, unchanged model reuses the compiled steps
@@ -134,13 +137,16 @@ def test_compiled_decode_with_chunked_prefill_and_preemption(monkeypatch):
     assert_all_free(llm)
 
 
-def test_compiled_bf16_decode_step_matches_eager_logits():
-    """bf16 decode through inductor's C++ GEMM (on CPU) gives the eager step's logits up to
-    bf16 rounding, for a short and a longer context (one graph: the key dimension is dynamic)."""
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_compiled_bf16_decode_step_matches_eager_logits(lanes):
+    """bf16 decode steps through inductor give the eager step's logits up to bf16 rounding, for
+    a short and a longer context (one graph: the key dimension is dynamic). On CPU one lane runs
+    inductor's C++ GEMM, two lanes oneDNN's packed linears (if this CPU packs bf16)."""
     from lmstack.infer.compiled import CompiledDecode
     from lmstack.model.paged import PagedKVCache, prepare_step
 
     model = build("tiny-llama").to(torch.bfloat16)
+    model.pack_for_cpu_inference()
     kv = PagedKVCache.for_model(model, num_blocks=16, block_size=4)
     step = CompiledDecode(model)
     torch.manual_seed(0)
@@ -148,7 +154,7 @@ def test_compiled_bf16_decode_step_matches_eager_logits():
     kv.v = [torch.randn_like(t) for t in kv.v]
     with torch.inference_mode():
         for computed in (5, 21):
-            rows = [([7], list(range(8)), computed), ([9], list(range(8, 16)), computed - 3)]
+            rows = [([7], list(range(8)), computed), ([9], list(range(8, 16)), computed - 3)][:lanes]
             tokens, positions, meta = prepare_step(kv, rows, "cpu", pack=True)
             eager = model(tokens, positions, cache=meta, logits_index=meta.logits_index).float()
             compiled = step(tokens, positions, meta, meta.logits_index).float()

@@ -140,6 +140,38 @@ def test_packed_linear_equals_f_linear(dtype, shape, bias):
 
 
 @needs_mkldnn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_op_uses_only_a_fresh_packed_copy(dtype):
+    """The op that compiled decode graphs call: the weight's packed copy while it is fresh, else
+    F.linear (stale copy, replaced storage, no copy at all, another input dtype)."""
+    torch.manual_seed(4)
+    layer = transformer.Linear(24, 40, bias=True).to(dtype)
+    if not transformer.PackedWeight.supports(layer.weight):
+        pytest.skip("bf16 is packed only on CPUs with native bf16")
+    x = torch.randn(3, 5, 24, dtype=dtype)
+    op = transformer.packed_linear_op
+    calls, real = [], transformer.packed_linear
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(transformer, "packed_linear", lambda *a: calls.append(1) or real(*a))
+        expected = lambda: torch.nn.functional.linear(x, layer.weight, layer.bias)  # noqa: E731
+        torch.testing.assert_close(op(x, layer.weight, layer.bias), expected())  # no copy yet
+        assert calls == []
+        layer.packed = transformer.PackedWeight(layer.weight)
+        torch.testing.assert_close(op(x, layer.weight, layer.bias), expected(), rtol=tol, atol=tol)
+        assert calls == [1]
+        layer.weight.mul_(2)  # stale
+        torch.testing.assert_close(op(x, layer.weight, layer.bias), expected())
+        layer.packed = transformer.PackedWeight(layer.weight)
+        layer.weight.data = torch.randn_like(layer.weight)  # replaced storage
+        torch.testing.assert_close(op(x, layer.weight, layer.bias), expected())
+        other = torch.randn(3, 24, dtype=torch.float64)  # an input of another dtype
+        torch.testing.assert_close(op(other, layer.weight.double(), None),
+                                   torch.nn.functional.linear(other, layer.weight.double()))
+        assert calls == [1]
+
+
+@needs_mkldnn
 def test_packed_model_can_be_copied_and_saved_whole():
     """deepcopy and torch.save of a packed model work (oneDNN's opaque tensors cannot be copied
     or stored): the copy has no packed copies and the same logits."""

@@ -2,15 +2,22 @@
 k + 1 when a speculative step verifies k draft tokens: a few fixed widths, each its own graph).
 
 A decode step of a small batch reads every weight once to compute a few rows, and runs ~50
-small ops per layer besides. Inductor fuses those ops into a few generated kernels and, with
-`freezing`, treats the weights as constants that it lays out once for its own kernels; on CPU
-`max_autotune` with the C++ GEMM template generates matrix-vector products that stream bf16
-weights at 20-33 GB/s where oneDNN's packed linear reaches 12-25 (Zen 4, one-off measurement of
-the llama-150m shapes). Prefill chunks stay eager: their shapes change every step.
+small ops per layer besides. Inductor fuses those ops into a few generated kernels. How the
+products run depends on the number of lanes (rows of the batch):
+- one lane (one request's decode step, a speculative verify or draft step): with `freezing`
+  the weights become constants that inductor lays out once; on CPU `max_autotune` with the C++
+  GEMM template generates matrix-vector products that stream bf16 weights at 20-33 GB/s where
+  oneDNN's packed linear reaches 12-25 (Zen 4, one-off measurement of the llama-150m shapes);
+- several lanes, on CPU: the linears stay oneDNN calls on the model's packed copies (an opaque
+  custom op, `transformer.packed_linear_op`), and nothing is frozen. At 35-64 rows oneDNN's
+  packed products ran at 165-220 GFLOP/s (fp32, llama-10m shapes) where the C++ template ran
+  at 70-90 inside the graph (one-off measurements, Zen 4); a 64-lane step at 128 tokens of
+  context took 12.8 ms against 16.8 ms.
+Prefill chunks stay eager: their shapes change every step.
 
 Frozen weights are copies: if the model's weights change after the first compiled step (an
-optimizer step, `load_state_dict`, a LoRA merge), the compiled steps would compute with the old
-ones. Every call therefore checks each weight's identity, data pointer and version counter and,
+optimizer step, `load_state_dict`, a LoRA merge), the one-lane graphs would compute with the
+old ones. Every call therefore checks each weight's identity, data pointer and version counter and,
 once anything changed, runs the eager model from then on (with a warning). A failed compilation
 does the same. Either way the tokens stay right; only the speed is lost.
 
@@ -22,11 +29,14 @@ engine is gone (measured: ~1 copy of the weights per compilation, not freed by
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import types
 import warnings
 
 import torch
+
+from lmstack.model import transformer
 
 # inductor options for decode steps; on CPU the C++ GEMM template only (autotuning against
 # oneDNN's kernel benchmarks both with the weights in cache and picks oneDNN's, which is slower
@@ -52,6 +62,17 @@ class _Snapshot:
     def changed(self) -> bool:
         return (any(slots.get(name) is not obj for slots, name, obj in self.entries)
                 or any(t.data_ptr() != ptr or t._version != v for t, ptr, v in self.tensors))
+
+
+@contextlib.contextmanager
+def _packed_in_graphs(on: bool):
+    """Code traced inside runs linears as `transformer.packed_linear_op` (if on). Dynamo guards
+    the flag it reads, so graphs traced with and without it are told apart."""
+    old, transformer.PACKED_IN_GRAPHS = transformer.PACKED_IN_GRAPHS, on
+    try:
+        yield
+    finally:
+        transformer.PACKED_IN_GRAPHS = old
 
 
 def _decode_step(model, tokens, positions, cache, logits_index):
@@ -96,8 +117,11 @@ class CompiledDecode:
         # key slots grow with the context: one graph for every length, not one per block
         torch._dynamo.maybe_mark_dynamic(cache.attn_mask, 3)
         torch._dynamo.maybe_mark_dynamic(cache.key_blocks, 1)
+        # several lanes on CPU: oneDNN's packed linears as opaque calls, no frozen copies
+        several = tokens.shape[0] > 1 and self.options is CPU_OPTIONS
+        options = {} if several else self.options
         try:
-            with torch._inductor.config.patch(self.options):
+            with torch._inductor.config.patch(options), _packed_in_graphs(several):
                 return self.compiled(self.model, tokens, positions, cache, logits_index)
         except torch._dynamo.exc.TorchDynamoException as e:  # the compiler's, not the step's
             self._run_eager(f"compilation failed ({type(e).__name__}: {str(e).splitlines()[0]})")

@@ -61,6 +61,7 @@ class PackedWeight:
         self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
         self._source = weakref.ref(weight)
         self._stamp = (weight.data_ptr(), weight._version)
+        _PACKED_BY_PTR[weight.data_ptr()] = self
 
     @staticmethod
     def supports(weight: torch.Tensor) -> bool:
@@ -92,6 +93,28 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed.tensor, bias, "none", [], "")
 
 
+# packed copies by their weight's data pointer, for `packed_linear_op`
+_PACKED_BY_PTR: weakref.WeakValueDictionary[int, PackedWeight] = weakref.WeakValueDictionary()
+PACKED_IN_GRAPHS = False
+"""Whether code traced by torch.compile runs linears as `packed_linear_op` (set by
+lmstack.infer.compiled around the calls it compiles that way)."""
+
+
+@torch.library.custom_op("lmstack::packed_linear", mutates_args=())
+def packed_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear through the weight's fresh packed copy, if it has one (else F.linear): an opaque
+    call that torch.compile leaves as it is, since oneDNN's packed copies cannot be traced."""
+    packed = _PACKED_BY_PTR.get(weight.data_ptr())
+    if packed is not None and packed.matches(weight) and x.dtype == weight.dtype:
+        return packed_linear(x, packed, bias)
+    return F.linear(x, weight, bias)
+
+
+@packed_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            packed: PackedWeight | None = None) -> torch.Tensor:
     """x @ weight.T + bias, as F.linear, through the fastest CPU inference kernel measured.
@@ -104,8 +127,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Everything else keeps F.linear: builds without MKL (not measured), one row or more than 64
     unpacked (no gain / the transposed copy of a large result costs more), training (its
     backward through the swapped form was slower), unpacked bf16, CUDA, and code being traced
-    by torch.compile (the compiler lays out and runs the products itself).
+    by torch.compile (the compiler lays out and runs the products itself), unless
+    PACKED_IN_GRAPHS asks for `packed_linear_op` there.
     """
+    if torch.compiler.is_compiling() and PACKED_IN_GRAPHS:
+        return packed_linear_op(x, weight, bias)
     if (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu"
             or torch.is_autocast_enabled("cpu")):
         return F.linear(x, weight, bias)

@@ -23,7 +23,9 @@ does the same. Either way the tokens stay right; only the speed is lost.
 
 The compiled code and its weight copies stay in memory until the process ends, even after the
 engine is gone (measured: ~1 copy of the weights per compilation, not freed by
-`torch._dynamo.reset()` either). So engines share one CompiledDecode per model
+`torch._dynamo.reset()` either; graphs of several lanes hold no copies: a second compilation
+of them over llama-50m fp32, 190 MB of weights, added 15 MB of RSS, of one-lane graphs 512 MB).
+So engines share one CompiledDecode per model
 (`for_model`, kept on the model): a second engine over unchanged weights compiles nothing.
 """
 

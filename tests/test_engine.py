@@ -137,6 +137,25 @@ def test_compiled_decode_with_chunked_prefill_and_preemption(monkeypatch):
     assert_all_free(llm)
 
 
+def test_compiled_decode_builds_one_graph_for_every_batch_of_several_lanes(monkeypatch):
+    """As requests finish the batch shrinks (4, 3, 2, then 1 lane): one graph serves every
+    batch of several lanes (dynamic from the first step: no static graph first), another a
+    single lane; the tokens are the reference ones."""
+    from lmstack.infer import compiled
+
+    monkeypatch.setattr(compiled, "CPU_OPTIONS", compiled.OPTIONS)  # no GEMM autotuning: faster
+    model = build("tiny-llama")
+    prompts, lengths = mixed_prompts()[:4], [3, 5, 7, 9]
+    reference = [generate(model, [p], n)[0] for p, n in zip(prompts, lengths, strict=True)]
+    llm = LLM(model, compile=True)
+    step = llm.runner.decode_model.compiled
+    outs = llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths])
+    assert [o.token_ids for o in outs] == reference
+    code = step._torchdynamo_orig_callable.__code__
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) == 2
+    assert llm.runner.decode_model.eager_reason is None
+
+
 @pytest.mark.parametrize("lanes", [1, 2])
 def test_compiled_bf16_decode_step_matches_eager_logits(lanes):
     """bf16 decode steps through inductor give the eager step's logits up to bf16 rounding, for

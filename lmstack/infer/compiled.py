@@ -1,5 +1,7 @@
 """CompiledDecode: the model's decode steps through torch.compile (one new token per lane, or
-k + 1 when a speculative step verifies k draft tokens: a few fixed widths, each its own graph).
+k + 1 when a speculative step verifies k draft tokens: a few fixed widths, each its own graph;
+within a width, one graph serves every batch of several lanes and every context length, and
+another a single lane).
 
 A decode step of a small batch reads every weight once to compute a few rows, and runs ~50
 small ops per layer besides. Inductor fuses those ops into a few generated kernels. How the
@@ -119,6 +121,12 @@ class CompiledDecode:
         # key slots grow with the context: one graph for every length, not one per block
         torch._dynamo.maybe_mark_dynamic(cache.attn_mask, 3)
         torch._dynamo.maybe_mark_dynamic(cache.key_blocks, 1)
+        if tokens.shape[0] > 1:  # and the batch changes every few steps: dynamic from the start
+            for t in (tokens, positions, logits_index, cache.query_lens, cache.context_lens,
+                      cache.new_index, cache.logits_rows, cache.slot_mapping, cache.key_blocks,
+                      cache.attn_mask):
+                if t is not None:  # logits_index: None for every position's logits
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
         # several lanes on CPU: oneDNN's packed linears as opaque calls, no frozen copies
         several = tokens.shape[0] > 1 and self.options is CPU_OPTIONS
         options = {} if several else self.options

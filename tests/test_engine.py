@@ -227,6 +227,53 @@ def test_reset_prefix_cache_after_a_weight_change():
     assert_all_free(llm)
 
 
+@pytest.mark.parametrize("options", [{}, {"compile": True}, {"speculative": True},
+                                     {"speculative": True, "compile": True}],
+                         ids=["packed", "compiled", "speculative", "speculative-compiled"])
+def test_weights_changed_after_writes_through_data(options, monkeypatch):
+    """Writes through `.data` skip the version counters that packed copies and compiled steps
+    check, so the engine goes on with copies of the old weights; weights_changed() packs and
+    compiles again and drops cached blocks: then the new model's tokens, alone (a one-lane
+    compiled graph, weights frozen in) and in a batch."""
+    from lmstack.infer import compiled
+
+    monkeypatch.setattr(compiled, "CPU_OPTIONS", compiled.OPTIONS)  # no GEMM autotuning: faster
+    model = build("tiny-llama")
+    prompts = mixed_prompts()
+    reference = [generate(model, [p], MAX_TOKENS)[0] for p in prompts]
+    draft = build("tiny-llama", seed=1) if options.get("speculative") else None
+    llm = LLM(model, compile=options.get("compile", False), speculative_model=draft)
+
+    def tokens() -> list[list[int]]:  # one request alone, then all together
+        alone = llm.generate([prompts[0]], GREEDY)[0].token_ids
+        return [alone] + [o.token_ids for o in llm.generate(prompts[1:], GREEDY)]
+
+    assert tokens() == reference
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mlp.down_proj.weight.data.mul_(-3.0)
+    unpacked = copy.deepcopy(model)  # a copy has no packed copies: the new weights' reference
+    changed = [generate(unpacked, [p], MAX_TOKENS)[0] for p in prompts]
+    assert changed != reference
+    assert tokens() == reference  # unseen: the engine still computes with the old copies
+    old_packed = model.layers[0].mlp.down_proj.packed
+    draft_packed = draft.layers[0].mlp.down_proj.packed if draft is not None else None
+    assert llm.weights_changed() > 0  # cached prompt blocks dropped
+    assert model.layers[0].mlp.down_proj.packed is not old_packed
+    if draft is not None:  # the draft is packed again too (its tokens only steer acceptance)
+        assert draft.layers[0].mlp.down_proj.packed is not draft_packed
+        assert llm.speculator.target_step is (llm.runner.decode_model or llm.runner.model)
+        assert llm.speculator.draft_step is (llm.speculator.draft_compiled or draft)
+    assert tokens() == changed
+    if options.get("compile"):  # compiled again, not eager
+        assert llm.runner.decode_model.eager_reason is None
+        assert llm.runner.decode_model is model.compiled_decode
+        if draft is not None:
+            assert llm.speculator.draft_compiled.eager_reason is None
+            assert llm.speculator.draft_compiled is draft.compiled_decode
+    assert_all_free(llm)
+
+
 def test_requests_joining_a_running_batch(model, reference):
     """An outer loop adds a request every step: outputs do not depend on the neighbours."""
     llm = LLM(model, block_size=4, max_num_batched_tokens=16)

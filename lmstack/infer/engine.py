@@ -62,12 +62,13 @@ class EngineConfig:
     """CPU: run linears on oneDNN-packed copies of their weights (1.15-1.9x faster products; a
     second copy of those weights in memory). See Transformer.pack_for_cpu_inference."""
     compile: bool = False
-    """torch.compile the decode steps (one new token per sequence; prefill stays eager), with
-    the weights frozen into the compiled code: 1.8-2.2x faster single-request bf16 decode on
-    CPU (llama-150m), after tens of seconds of compilation at the first decode steps, and with
-    another copy of the weights, kept until the process ends (engines over the same model share
-    it). Speculative steps (draft and verify) compile too. If the weights change later, decode
-    falls back to eager (see CompiledDecode)."""
+    """torch.compile the decode steps (one new token per sequence; prefill stays eager):
+    1.8-2.2x faster single-request bf16 decode on CPU (llama-150m), with the weights frozen
+    into the compiled code, and ~1.2x faster batches of requests (llama-10m fp32), after tens of
+    seconds of compilation at the first decode steps. A single request's steps keep another
+    copy of the weights until the process ends (engines over the same model share it).
+    Speculative steps (draft and verify) compile too. If the weights change later, decode falls
+    back to eager (see CompiledDecode; `LLM.weights_changed()` compiles again)."""
     seed: int = 0
     """Seeds the sampling of requests that bring no seed of their own."""
     speculative_model: str | Path | torch.nn.Module | None = None
@@ -296,6 +297,23 @@ class LLM:
         """Stop reusing cached prompt blocks (call it after changing the model's weights in
         place: cached keys/values were computed with the old ones); returns how many there were."""
         return self.blocks.reset_prefix_cache()
+
+    def weights_changed(self) -> int:
+        """Call after changing the model's (or the draft's) weights in place, by any means.
+        In-place ops and `load_state_dict` bump version counters that packed copies and compiled
+        steps check, but writes through `.data` do not, and the engine would go on computing
+        with copies of the old weights. This packs every weight again, compiles the decode
+        steps again at the next ones (if compiled), and drops the cached prompt blocks (their
+        keys/values came from the old weights); returns how many were dropped. Requests in
+        flight keep the keys/values they have computed so far."""
+        if self.config.pack_weights:
+            self.model.pack_for_cpu_inference(repack=True)
+            if self.speculator is not None:
+                self.speculator.draft.pack_for_cpu_inference(repack=True)
+        self.runner.recompile()
+        if self.speculator is not None:
+            self.speculator.recompile()
+        return self.reset_prefix_cache()
 
     def stats(self) -> dict[str, float]:
         b = self.blocks

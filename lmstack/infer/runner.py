@@ -37,6 +37,12 @@ class ModelRunner:
         self.generator = torch.Generator(self.device).manual_seed(seed)  # rows without a seed
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> the request's own
 
+    def recompile(self) -> None:
+        """Compile the decode steps again (at the next ones), from the model's weights as they
+        are now; nothing without compiled steps."""
+        if self.decode_model is not None:
+            self.decode_model = self.model.compiled_decode = CompiledDecode(self.model)
+
     def add(self, seq: Sequence) -> None:
         if seq.params.seed is not None:
             self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seq.params.seed)

@@ -55,6 +55,8 @@ class PackedWeight:
     24 GB/s against 13. The copy remembers which tensor it was made from and that tensor's data
     pointer and version counter: any in-place change since (optimizer step, load_state_dict,
     LoRA merge, `.data =`, a dtype cast) makes it stale, and `linear` ignores a stale copy.
+    Writes through `.data` (`w.data.copy_(...)`) skip the version counter and go unseen: after
+    them, `pack_for_cpu_inference(repack=True)` (or `LLM.weights_changed()`).
     """
 
     def __init__(self, weight: torch.Tensor):
@@ -346,16 +348,17 @@ class Transformer(nn.Module):
             self.rope_cos, self.rope_sin = rope_tables(self.config, device=self.rope_cos.device)
 
     @torch.no_grad()
-    def pack_for_cpu_inference(self) -> int:
+    def pack_for_cpu_inference(self, repack: bool = False) -> int:
         """Give every `Linear` (and a tied head) a `PackedWeight` for faster CPU inference;
         return how many are packed. The packed copies double those weights' memory, are used
         only without autograd, and are ignored once their weight changes (call again then:
-        copies that still match their weight are kept, not made again)."""
+        copies that still match their weight are kept, not made again; `repack=True` makes
+        every copy again, for writes through `.data`, which the copies cannot see)."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         for m in linears:
-            m.packed = _pack(m.weight, m.packed)
+            m.packed = _pack(m.weight, None if repack else m.packed)
         if self.lm_head is None:
-            self.head_packed = _pack(self.embed_tokens.weight, self.head_packed)
+            self.head_packed = _pack(self.embed_tokens.weight, None if repack else self.head_packed)
         return sum(m.packed is not None for m in linears) + (self.head_packed is not None)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,

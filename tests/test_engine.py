@@ -156,31 +156,34 @@ def test_compiled_decode_builds_one_graph_for_every_batch_of_several_lanes(monke
     assert llm.runner.decode_model.eager_reason is None
 
 
-@pytest.mark.parametrize("lanes", [1, 2])
+@pytest.mark.parametrize("lanes", [1, 2, 6])
 def test_compiled_bf16_decode_step_matches_eager_logits(lanes):
     """bf16 decode steps through inductor give the eager step's logits up to bf16 rounding, for
-    a short and a longer context (one graph: the key dimension is dynamic). On CPU one lane runs
-    inductor's C++ GEMM, two lanes oneDNN's packed linears (if this CPU packs bf16)."""
-    from lmstack.infer.compiled import CompiledDecode
+    a short and a longer context (one graph: the key dimension is dynamic). On CPU one or two
+    lanes run inductor's C++ GEMM on frozen weights, six lanes oneDNN's packed linears (if this
+    CPU packs bf16)."""
+    from lmstack.infer import compiled
     from lmstack.model.paged import PagedKVCache, prepare_step
 
     model = build("tiny-llama").to(torch.bfloat16)
     model.pack_for_cpu_inference()
-    kv = PagedKVCache.for_model(model, num_blocks=16, block_size=4)
-    step = CompiledDecode(model)
+    kv = PagedKVCache.for_model(model, num_blocks=8 * lanes, block_size=4)
+    step = compiled.CompiledDecode(model)
     torch.manual_seed(0)
     kv.k = [torch.randn_like(t) for t in kv.k]  # some context to attend to
     kv.v = [torch.randn_like(t) for t in kv.v]
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.profiler.profile() as prof:
         for computed in (5, 21):
-            rows = [([7], list(range(8)), computed), ([9], list(range(8, 16)), computed - 3)][:lanes]
+            rows = [([7 + i], list(range(8 * i, 8 * i + 8)), computed - i % 3) for i in range(lanes)]
             tokens, positions, meta = prepare_step(kv, rows, "cpu", pack=True)
             eager = model(tokens, positions, cache=meta, logits_index=meta.logits_index).float()
-            compiled = step(tokens, positions, meta, meta.logits_index).float()
+            out = step(tokens, positions, meta, meta.logits_index).float()
             assert step.eager_reason is None
             scale = eager.abs().max()
-            assert (compiled - eager).abs().max() <= 0.05 * scale  # measured: 0.006-0.012
-            assert (compiled - eager).abs().mean() <= 0.01 * scale  # measured: 0.0015-0.0026
+            assert (out - eager).abs().max() <= 0.05 * scale  # measured: 0.006-0.012
+            assert (out - eager).abs().mean() <= 0.01 * scale  # measured: 0.0015-0.0026
+    packed_op = any(e.name == "lmstack::packed_linear" for e in prof.events())
+    assert packed_op == (lanes > compiled.FROZEN_MAX_ROWS)
 
 
 def test_compiled_decode_falls_back_to_eager_when_compilation_fails(model, reference):

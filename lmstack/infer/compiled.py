@@ -1,31 +1,34 @@
 """CompiledDecode: the model's decode steps through torch.compile (one new token per lane, or
 k + 1 when a speculative step verifies k draft tokens: a few fixed widths, each its own graph;
-within a width, one graph serves every batch of several lanes and every context length, and
-another a single lane).
+within a width, a graph for a single lane, one for every batch of a few lanes and one for
+every larger batch, each for every context length).
 
 A decode step of a small batch reads every weight once to compute a few rows, and runs ~50
 small ops per layer besides. Inductor fuses those ops into a few generated kernels. How the
-products run depends on the number of lanes (rows of the batch):
-- one lane (one request's decode step, a speculative verify or draft step): with `freezing`
-  the weights become constants that inductor lays out once; on CPU `max_autotune` with the C++
-  GEMM template generates matrix-vector products that stream bf16 weights at 20-33 GB/s where
-  oneDNN's packed linear reaches 12-25 (Zen 4, one-off measurement of the llama-150m shapes);
-- several lanes, on CPU: the linears stay oneDNN calls on the model's packed copies (an opaque
-  custom op, `transformer.packed_linear_op`), and nothing is frozen. At 35-64 rows oneDNN's
-  packed products ran at 165-220 GFLOP/s (fp32, llama-10m shapes) where the C++ template ran
-  at 70-90 inside the graph (one-off measurements, Zen 4); a 64-lane step at 128 tokens of
-  context took 12.8 ms against 16.8 ms.
+products run depends on the step's size:
+- one lane (one request's decode step, a speculative verify or draft step) or at most
+  FROZEN_MAX_ROWS rows: with `freezing` the weights become constants that inductor lays out
+  once; on CPU `max_autotune` with the C++ GEMM template generates matrix-vector products that
+  stream bf16 weights at 20-33 GB/s where oneDNN's packed linear reaches 12-25 (Zen 4, one-off
+  measurement of the llama-150m shapes);
+- more rows over several lanes, on CPU: the linears stay oneDNN calls on the model's packed
+  copies (an opaque custom op, `transformer.packed_linear_op`), and nothing is frozen. At
+  35-64 rows oneDNN's packed products ran at 165-220 GFLOP/s (fp32, llama-10m shapes) where
+  the C++ template ran at 70-90 inside the graph (one-off measurements, Zen 4); a 64-lane step
+  at 128 tokens of context took 12.8 ms against 16.8 ms. llama-150m bf16, 2 / 4 / 6 / 8 / 16
+  requests decoding together: 214 / 362 / 345 / 264 / 300 tokens/s through the C++ template,
+  122 / 263 / 402 / 418 / 679 through oneDNN (one-off script, one run each).
 Prefill chunks stay eager: their shapes change every step.
 
 Frozen weights are copies: if the model's weights change after the first compiled step (an
-optimizer step, `load_state_dict`, a LoRA merge), the one-lane graphs would compute with the
-old ones. Every call therefore checks each weight's identity, data pointer and version counter and,
+optimizer step, `load_state_dict`, a LoRA merge), the graphs of few rows would compute with
+the old ones. Every call therefore checks each weight's identity, data pointer and version counter and,
 once anything changed, runs the eager model from then on (with a warning). A failed compilation
 does the same. Either way the tokens stay right; only the speed is lost.
 
 The compiled code and its weight copies stay in memory until the process ends, even after the
 engine is gone (measured: ~1 copy of the weights per compilation, not freed by
-`torch._dynamo.reset()` either; graphs of several lanes hold no copies: a second compilation
+`torch._dynamo.reset()` either; graphs of many rows hold no copies: a second compilation
 of them over llama-50m fp32, 190 MB of weights, added 15 MB of RSS, of one-lane graphs 512 MB).
 So engines share one CompiledDecode per model
 (`for_model`, kept on the model): a second engine over unchanged weights compiles nothing.
@@ -47,6 +50,9 @@ from lmstack.model import transformer
 # when the weights stream from memory, as they do in decode)
 OPTIONS = {"freezing": True}
 CPU_OPTIONS = {**OPTIONS, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+FROZEN_MAX_ROWS = 4
+"""On CPU, steps of several lanes and more rows than this run oneDNN's packed linears; fewer,
+inductor's C++ GEMM on frozen weights (measured crossover: between 4 and 6 rows, see above)."""
 _ids = itertools.count()
 
 
@@ -127,11 +133,12 @@ class CompiledDecode:
                       cache.attn_mask):
                 if t is not None:  # logits_index: None for every position's logits
                     torch._dynamo.maybe_mark_dynamic(t, 0)
-        # several lanes on CPU: oneDNN's packed linears as opaque calls, no frozen copies
-        several = tokens.shape[0] > 1 and self.options is CPU_OPTIONS
-        options = {} if several else self.options
+        # more rows on CPU: oneDNN's packed linears as opaque calls, no frozen copies
+        packed = (self.options is CPU_OPTIONS and tokens.shape[0] > 1
+                  and tokens.numel() > FROZEN_MAX_ROWS)
+        options = {} if packed else self.options
         try:
-            with torch._inductor.config.patch(options), _packed_in_graphs(several):
+            with torch._inductor.config.patch(options), _packed_in_graphs(packed):
                 return self.compiled(self.model, tokens, positions, cache, logits_index)
         except torch._dynamo.exc.TorchDynamoException as e:  # the compiler's, not the step's
             self._run_eager(f"compilation failed ({type(e).__name__}: {str(e).splitlines()[0]})")

@@ -65,8 +65,9 @@ class EngineConfig:
     """torch.compile the decode steps (one new token per sequence; prefill stays eager):
     1.8-2.2x faster single-request bf16 decode on CPU (llama-150m), with the weights frozen
     into the compiled code, and ~1.2x faster batches of requests (llama-10m fp32), after tens of
-    seconds of compilation at the first decode steps. A single request's steps keep another
-    copy of the weights until the process ends (engines over the same model share it).
+    seconds of compilation at the first decode steps. Steps of one lane or a few rows keep
+    another copy of the weights each until the process ends (engines over the same model
+    share them).
     Speculative steps (draft and verify) compile too. If the weights change later, decode falls
     back to eager (see CompiledDecode; `LLM.weights_changed()` compiles again)."""
     seed: int = 0

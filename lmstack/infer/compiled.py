@@ -121,7 +121,7 @@ class CompiledDecode:
             self.snapshot = _Snapshot(self.model)
         elif self.eager_reason is None and self.snapshot.changed():
             self._run_eager("the model's weights changed after compilation (the compiled steps "
-                            "hold copies); build a new LLM to compile the new weights")
+                            "hold copies); llm.weights_changed() or a new LLM compiles the new weights")
         if self.eager_reason is not None:
             return self.model(tokens, positions, cache=cache, logits_index=logits_index)
         # key slots grow with the context: one graph for every length, not one per block

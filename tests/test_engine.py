@@ -261,12 +261,17 @@ def test_weights_changed_after_writes_through_data(options, monkeypatch):
     assert tokens() == reference  # unseen: the engine still computes with the old copies
     old_packed = model.layers[0].mlp.down_proj.packed
     draft_packed = draft.layers[0].mlp.down_proj.packed if draft is not None else None
+    old_steps = (llm.speculator.target_step, llm.speculator.draft_step) if draft is not None else None
     assert llm.weights_changed() > 0  # cached prompt blocks dropped
     assert model.layers[0].mlp.down_proj.packed is not old_packed
     if draft is not None:  # the draft is packed again too (its tokens only steer acceptance)
         assert draft.layers[0].mlp.down_proj.packed is not draft_packed
-        assert llm.speculator.target_step is (llm.runner.decode_model or llm.runner.model)
-        assert llm.speculator.draft_step is (llm.speculator.draft_compiled or draft)
+        # the speculator takes the new compiled steps (eager: the same models as before)
+        new_steps = (llm.speculator.target_step, llm.speculator.draft_step)
+        assert new_steps[0] is (llm.runner.decode_model or llm.runner.model)
+        assert new_steps[1] is (llm.speculator.draft_compiled or draft)
+        assert all((new is old) != bool(options.get("compile"))
+                   for new, old in zip(new_steps, old_steps, strict=True))
     assert tokens() == changed
     if options.get("compile"):  # compiled again, not eager
         assert llm.runner.decode_model.eager_reason is None

@@ -106,11 +106,12 @@ class CompiledDecode:
         """Why decode steps now run eagerly; None while they run compiled."""
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module) -> CompiledDecode:
+    def for_model(cls, model: torch.nn.Module, renew: bool = False) -> CompiledDecode:
         """The CompiledDecode an earlier engine made for this model, while it still runs
-        compiled with unchanged weights (no second compilation, no second copy); else a new one."""
+        compiled with unchanged weights (no second compilation, no second copy); else, or with
+        `renew` (weights changed in a way the snapshot cannot see), a new one."""
         current = getattr(model, "compiled_decode", None)
-        if (current is None or current.eager_reason is not None
+        if (renew or current is None or current.eager_reason is not None
                 or current.snapshot is not None and current.snapshot.changed()):
             current = model.compiled_decode = cls(model)
         return current
@@ -127,15 +128,15 @@ class CompiledDecode:
         # key slots grow with the context: one graph for every length, not one per block
         torch._dynamo.maybe_mark_dynamic(cache.attn_mask, 3)
         torch._dynamo.maybe_mark_dynamic(cache.key_blocks, 1)
-        if tokens.shape[0] > 1:  # and the batch changes every few steps: dynamic from the start
+        several = tokens.shape[0] > 1
+        if several:  # and the batch changes every few steps: dynamic from the start
             for t in (tokens, positions, logits_index, cache.query_lens, cache.context_lens,
                       cache.new_index, cache.logits_rows, cache.slot_mapping, cache.key_blocks,
                       cache.attn_mask):
                 if t is not None:  # logits_index: None for every position's logits
                     torch._dynamo.maybe_mark_dynamic(t, 0)
         # more rows on CPU: oneDNN's packed linears as opaque calls, no frozen copies
-        packed = (self.options is CPU_OPTIONS and tokens.shape[0] > 1
-                  and tokens.numel() > FROZEN_MAX_ROWS)
+        packed = self.options is CPU_OPTIONS and several and tokens.numel() > FROZEN_MAX_ROWS
         options = {} if packed else self.options
         try:
             with torch._inductor.config.patch(options), _packed_in_graphs(packed):

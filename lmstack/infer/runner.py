@@ -41,7 +41,7 @@ class ModelRunner:
         """Compile the decode steps again (at the next ones), from the model's weights as they
         are now; nothing without compiled steps."""
         if self.decode_model is not None:
-            self.decode_model = self.model.compiled_decode = CompiledDecode(self.model)
+            self.decode_model = CompiledDecode.for_model(self.model, renew=True)
 
     def add(self, seq: Sequence) -> None:
         if seq.params.seed is not None:

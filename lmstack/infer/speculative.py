@@ -112,7 +112,6 @@ class SpeculativeDecoder:
         # compiled: the draft's one-token steps, and the target's verify pass (k + 1 tokens,
         # through the runner's CompiledDecode: another graph of the same fixed width)
         self.draft_compiled = CompiledDecode.for_model(self.draft) if compile else None
-        self.use_compiled()
         c, kv = draft.config, runner.kv
         self.draft_kv = PagedKVCache(c.n_layers, kv.num_blocks, kv.block_size, c.n_kv_heads,
                                      c.head_dim, emb.device, emb.dtype, c.sliding_window)
@@ -120,17 +119,21 @@ class SpeculativeDecoder:
         self.draft_done: dict[int, tuple[int, int]] = {}  # seq_id -> (tokens, num_preemptions)
         self.num_proposed = self.num_accepted = 0
 
-    def use_compiled(self) -> None:
-        """Take the runner's and the draft's current compiled steps (or eager models)."""
-        self.draft_step = self.draft_compiled or self.draft
-        self.target_step = self.runner.decode_model or self.runner.model
+    @property
+    def draft_step(self):
+        """The draft's one-token steps: compiled, or the eager draft."""
+        return self.draft_compiled or self.draft
+
+    @property
+    def target_step(self):
+        """The target's verify pass: through the runner's compiled steps, or eager."""
+        return self.runner.decode_model or self.runner.model
 
     def recompile(self) -> None:
-        """Compile the draft's steps and the target's verify pass again (after the runner's
-        `recompile`), from the weights as they are now."""
+        """Compile the draft's steps again, from its weights as they are now (the verify pass
+        follows the runner's `recompile`)."""
         if self.draft_compiled is not None:
-            self.draft_compiled = self.draft.compiled_decode = CompiledDecode(self.draft)
-        self.use_compiled()
+            self.draft_compiled = CompiledDecode.for_model(self.draft, renew=True)
 
     def applies(self, batch: ScheduledBatch) -> bool:
         """Only pure decode steps whose rows have k more slots (and context) and need no

@@ -75,6 +75,10 @@ class PackedWeight:
     def matches(self, weight: torch.Tensor) -> bool:
         return self._source() is weight and self._stamp == (weight.data_ptr(), weight._version)
 
+    def serves(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether this copy computes x @ weight.T: still fresh, and x of the weight's dtype."""
+        return x.dtype == weight.dtype and self.matches(weight)
+
     # a copied or pickled model has weights of its own: it gets no packed copy (oneDNN's opaque
     # tensors can be neither), and packs again when an engine asks
     def __deepcopy__(self, memo) -> None:
@@ -107,7 +111,7 @@ def packed_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """F.linear through the weight's fresh packed copy, if it has one (else F.linear): an opaque
     call that torch.compile leaves as it is, since oneDNN's packed copies cannot be traced."""
     packed = _PACKED_BY_PTR.get(weight.data_ptr())
-    if packed is not None and packed.matches(weight) and x.dtype == weight.dtype:
+    if packed is not None and packed.serves(x, weight):
         return packed_linear(x, packed, bias)
     return F.linear(x, weight, bias)
 
@@ -139,7 +143,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     fp32 = x.dtype == torch.float32 and weight.dtype == torch.float32
-    fresh = packed is not None and x.dtype == weight.dtype and packed.matches(weight)
+    fresh = packed is not None and packed.serves(x, weight)
     if MKL and fp32 and (rows == 2 or not fresh and 2 <= rows <= 64):
         x2d = x.reshape(rows, x.shape[-1])
         y = weight @ x2d.T if bias is None else torch.addmm(bias[:, None], weight, x2d.T)  # (N, rows)

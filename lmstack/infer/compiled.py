@@ -16,8 +16,10 @@ products run depends on the step's size:
   35-64 rows oneDNN's packed products ran at 165-220 GFLOP/s (fp32, llama-10m shapes) where
   the C++ template ran at 70-90 inside the graph (one-off measurements, Zen 4); a 64-lane step
   at 128 tokens of context took 12.8 ms against 16.8 ms. llama-150m bf16, 2 / 4 / 6 / 8 / 16
-  requests decoding together: 214 / 362 / 345 / 264 / 300 tokens/s through the C++ template,
-  122 / 263 / 402 / 418 / 679 through oneDNN (one-off script, one run each).
+  requests decoding together (`benchmarks/serve_throughput.py --parts b --quick
+  --decode-batches 2 4 6 8 16`): 173 / 302 / 319 / 250 / 263 tokens/s through the C++
+  template, 103 / 211 / 275 / 353 / 501 through oneDNN; an earlier one-off script had 6
+  requests the other way (345 vs 402).
 Prefill chunks stay eager: their shapes change every step.
 
 Frozen weights are copies: if the model's weights change after the first compiled step (an
@@ -52,7 +54,8 @@ OPTIONS = {"freezing": True}
 CPU_OPTIONS = {**OPTIONS, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
 FROZEN_MAX_ROWS = 4
 """On CPU, steps of several lanes and more rows than this run oneDNN's packed linears; fewer,
-inductor's C++ GEMM on frozen weights (measured crossover: between 4 and 6 rows, see above)."""
+inductor's C++ GEMM on frozen weights (measured crossover: between 4 and 8 rows, 6 either way
+in two runs; see above)."""
 _ids = itertools.count()
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmstack.model import ModelConfig, Transformer
+from lmstack.model import paged
 from lmstack.model.paged import PagedKVCache, last_token_logits, prepare_step, split_decodes
 
 TOL = 1e-5
@@ -205,3 +206,57 @@ def test_blocks_for_budget():
     assert pool_bytes == per_token * 16 * 10
     with pytest.raises(ValueError, match="budget"):
         PagedKVCache.blocks_for_budget(model, per_token, block_size=16)
+
+
+@pytest.mark.skipif(not paged.FLEX_ON_CPU, reason="inductor's CPU flex_attention needs AVX2")
+@pytest.mark.parametrize("preset,dtype,atol", [
+    ("tiny-llama", torch.float32, TOL),  # GQA: query heads fold onto their key/value head
+    ("tiny-gpt2", torch.float32, TOL),   # MHA
+    ("tiny-llama", torch.bfloat16, 3e-2),
+])
+def test_compiled_decode_attends_over_the_pool_in_place(preset, dtype, atol, monkeypatch):
+    """A compiled decode step reads each lane's blocks from the pool through LaneBlocks (no
+    gather is traced) and gives the gather path's logits: contexts ending mid-block, on a
+    block's last slot and on a new block's first, a block shared by two sequences, and
+    lanes of different lengths."""
+    model = build(preset).to(dtype)
+    bs = 4
+    kv = PagedKVCache.for_model(model, num_blocks=32, block_size=bs)
+    seqs = random_seqs([9, 12, 7, 3], model.config.vocab_size)
+    seqs[1][:8] = seqs[0][:8]
+    tables = shuffled_tables([len(s) + 1 for s in seqs], bs, 32, seed=3)
+    tables[1][:2] = tables[0][:2]  # seqs 0 and 1 share their first two (full) blocks
+    with torch.no_grad():
+        for i, s in enumerate(seqs):  # prefill all but the last token
+            if i == 1:  # its shared blocks are filled: only the rest
+                rows = [(s[8:-1], tables[i], 8)]
+            else:
+                rows = [(s[:-1], tables[i], 0)]
+            tokens, positions, meta = prepare_step(kv, rows, "cpu")
+            model(tokens, positions, cache=meta)
+    decode = [(s[-1:], t, len(s) - 1) for s, t in zip(seqs, tables, strict=True)]  # ctx 9, 12, 7, 3
+    tokens, positions, meta = prepare_step(kv, decode, "cpu")
+    blocks = meta.lane_blocks
+    assert blocks.last_fill.tolist() == [1, 4, 3, 3]
+    assert blocks.full_count.flatten().tolist() == [2, 2, 1, 0]
+    with torch.no_grad():
+        ref = model(tokens, positions, cache=meta)  # eager: gathers
+
+    def no_gather(*args):
+        raise AssertionError("the compiled decode step gathered the lanes' keys")
+
+    monkeypatch.setattr(paged.AttnMetadata, "gather", no_gather)
+    step = torch.compile(lambda t, p, m: model(t, p, cache=m), fullgraph=True)
+    with torch.no_grad():
+        got = step(tokens, positions, meta)
+    torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=0)
+
+
+def test_lane_blocks_only_for_decode_steps_without_a_window():
+    seqs = [([1], [0, 1], 5), ([2], [2], 2)]
+    kv = PagedKVCache(1, num_blocks=4, block_size=4, n_kv_heads=1, head_dim=2)
+    assert (prepare_step(kv, seqs, "cpu")[2].lane_blocks is not None) == paged.FLEX_ON_CPU
+    assert prepare_step(kv, [([1, 2], [0, 1], 4)], "cpu")[2].lane_blocks is None  # 2 new tokens
+    assert prepare_step(kv, [([1], [0], 0)], "cpu")[2].lane_blocks is None  # fresh: no pool read
+    windowed = PagedKVCache(1, num_blocks=4, block_size=4, n_kv_heads=1, head_dim=2, sliding_window=3)
+    assert prepare_step(windowed, seqs, "cpu")[2].lane_blocks is None

@@ -20,6 +20,9 @@ products run depends on the step's size:
   --decode-batches 2 4 6 8 16`): 173 / 302 / 319 / 250 / 263 tokens/s through the C++
   template, 103 / 211 / 275 / 353 / 501 through oneDNN; an earlier one-off script had 6
   requests the other way (345 vs 402).
+Attention in every compiled decode step on CPU reads each lane's keys and values from the
+paged pool in place (flex_attention over the lanes' block ids, `paged.LaneBlocks`) instead of
+gathering them into a padded copy first; eager steps gather.
 Prefill chunks stay eager: their shapes change every step.
 
 Frozen weights are copies: if the model's weights change after the first compiled step (an
@@ -129,13 +132,19 @@ class CompiledDecode:
         if self.eager_reason is not None:
             return self.model(tokens, positions, cache=cache, logits_index=logits_index)
         # key slots grow with the context: one graph for every length, not one per block
+        blocks = cache.lane_blocks
         torch._dynamo.maybe_mark_dynamic(cache.attn_mask, 3)
         torch._dynamo.maybe_mark_dynamic(cache.key_blocks, 1)
+        if blocks is not None:
+            torch._dynamo.maybe_mark_dynamic(blocks.full, 3)
         several = tokens.shape[0] > 1
         if several:  # and the batch changes every few steps: dynamic from the start
-            for t in (tokens, positions, logits_index, cache.query_lens, cache.context_lens,
-                      cache.new_index, cache.logits_rows, cache.slot_mapping, cache.key_blocks,
-                      cache.attn_mask):
+            per_lane = (tokens, positions, logits_index, cache.query_lens, cache.context_lens,
+                        cache.new_index, cache.logits_rows, cache.slot_mapping, cache.key_blocks,
+                        cache.attn_mask)
+            if blocks is not None:
+                per_lane += (blocks.full_count, blocks.full, blocks.last, blocks.last_fill)
+            for t in per_lane:
                 if t is not None:  # logits_index: None for every position's logits
                     torch._dynamo.maybe_mark_dynamic(t, 0)
         # more rows on CPU: oneDNN's packed linears as opaque calls, no frozen copies

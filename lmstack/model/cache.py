@@ -62,5 +62,10 @@ class StaticCache:
         self.v[layer][:, :, self.length:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor, attention) -> torch.Tensor:
+        """Write the new keys/values; `attention(q, keys, values, mask)` over all filled slots."""
+        return attention(q, *self.update(layer, k, v), mask)
+
     def advance(self, T: int) -> None:
         self.length += T

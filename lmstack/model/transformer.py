@@ -265,9 +265,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D)
-        y = sdpa(q, k, v, mask)
+        if cache is None:
+            y = sdpa(q, k, v, mask)
+        else:  # writes k, v, then attends over everything cached (with sdpa, or its own way)
+            y = cache.attend(self.layer_idx, q, k, v, mask, sdpa)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

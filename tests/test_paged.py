@@ -5,8 +5,7 @@ import random
 import pytest
 import torch
 
-from lmstack.model import ModelConfig, Transformer
-from lmstack.model import paged
+from lmstack.model import ModelConfig, Transformer, paged
 from lmstack.model.paged import PagedKVCache, last_token_logits, prepare_step, split_decodes
 
 TOL = 1e-5

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from lmstack.infer import LLM, SamplingParams
+from lmstack.infer.engine import EngineConfig
 from lmstack.model import ModelConfig, Transformer, generate
 from lmstack.model.hf import save_hf
 
@@ -130,11 +131,18 @@ def table(title: str, rows: list[tuple[str, float, str]], unit: str, baseline: s
 
 # ----------------------------------------------------------------------------- (a) throughput
 
+BLOCK = EngineConfig.block_size  # KV block (page) size of both engines: lmstack's default
+
+
+def pool_blocks(prompts, lens) -> int:
+    """Room for every request at once (and a block to spare each)."""
+    return sum(-(-(len(p) + n) // BLOCK) + 1 for p, n in zip(prompts, lens, strict=True))
+
+
 def lmstack_engine(model, prompts, lens, max_batched_tokens: int, pack: bool,
                    compile: bool = False) -> LLM:
     return LLM(model, max_num_seqs=len(prompts), max_num_batched_tokens=max_batched_tokens,
-               pack_weights=pack, compile=compile,
-               num_blocks=sum(-(-(len(p) + n) // 16) + 1 for p, n in zip(prompts, lens, strict=True)))
+               pack_weights=pack, compile=compile, num_blocks=pool_blocks(prompts, lens))
 
 
 def run_lmstack_engine(llm: LLM, prompts, lens) -> int:
@@ -170,8 +178,9 @@ def run_hf_continuous(hf, prompts, lens, max_batched_tokens: int) -> int:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     gen = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(lens))
-    blocks = sum(-(-(len(p) + n) // 16) + 1 for p, n in zip(prompts, lens, strict=True))
-    cb = ContinuousBatchingConfig(page_size=16, num_blocks=blocks, max_batch_tokens=max_batched_tokens,
+    # its throughput here did not depend on the page size (16, 32, 256: within the noise)
+    cb = ContinuousBatchingConfig(page_size=BLOCK, num_blocks=pool_blocks(prompts, lens),
+                                  max_batch_tokens=max_batched_tokens,
                                   max_requests_per_batch=len(prompts), use_cuda_graph=False)
     done = 0
     with hf.continuous_batching_context_manager(gen, continuous_batching_config=cb,

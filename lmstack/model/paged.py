@@ -309,6 +309,8 @@ class _Lanes:
         """First fit, longest first. Fresh keys are the lane's own tokens, so only tokens bound
         a lane then; otherwise its key blocks are bounded too (they set S for every lane)."""
         width, cap = max(n), (sum(n_blocks) if fresh else max(n_blocks))
+        if width == 1:  # one token per lane (a decode step): nothing to share
+            return cls.one_per_row(n, n_blocks)
         R = len(n)
         out = cls([0] * R, [0] * R, [0] * R, [0] * R, [], width, 0)
         used_t: list[int] = []

@@ -78,7 +78,7 @@ def test_packed_and_unpacked_engines_give_the_reference_tokens(reference, model,
     give the reference decoder's greedy tokens."""
     fresh = Transformer.build(model.config, seed=0).eval()  # the same weights, never packed
     llm = LLM(fresh, pack_weights=pack)
-    packed = [m.packed is not None for m in fresh.modules() if hasattr(m, "packed")]
+    packed = [c is not None for c in fresh.packed_copies().values()]
     assert packed and all(packed) == pack and any(packed) == pack
     assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == reference
 

@@ -149,7 +149,7 @@ def test_packed_linear_op_uses_only_a_fresh_packed_copy(dtype):
     if not transformer.PackedWeight.supports(layer.weight):
         pytest.skip("bf16 is packed only on CPUs with native bf16")
     x = torch.randn(3, 5, 24, dtype=dtype)
-    op = transformer.packed_linear_op
+    op = lambda x, w, b: transformer.packed_linear_op(x, [w], [b])  # noqa: E731
     calls, real = [], transformer.packed_linear
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     with pytest.MonkeyPatch.context() as mp, torch.no_grad():
@@ -169,6 +169,51 @@ def test_packed_linear_op_uses_only_a_fresh_packed_copy(dtype):
         torch.testing.assert_close(op(other, layer.weight.double(), None),
                                    torch.nn.functional.linear(other, layer.weight.double()))
         assert calls == [1]
+        # weights stacked (q/k/v, gate/up): one product through their stacked copy while all are fresh
+        second = transformer.Linear(24, 8, bias=True).to(dtype)
+        weights, biases = [layer.weight, second.weight], [layer.bias, second.bias]
+        stacked = lambda: torch.cat([expected(), torch.nn.functional.linear(x, second.weight, second.bias)], -1)  # noqa: E731
+        keep = transformer.PackedWeight(*weights)
+        torch.testing.assert_close(transformer.packed_linear_op(x, weights, biases), stacked(),
+                                   rtol=tol, atol=tol)
+        assert calls == [1, 1] and keep.matches(*weights)
+        second.weight.add_(1)  # one stale member: no packed product
+        torch.testing.assert_close(transformer.packed_linear_op(x, weights, biases), stacked())
+        assert calls == [1, 1]
+
+
+@needs_mkldnn
+def test_stacked_projections_follow_a_module_swapped_in():
+    """q/k/v run as one stacked product only while all three are the plain Linears it was made
+    from: a wrapper swapped in for q_proj (as LoRA does) keeps the same weight object but is
+    run as itself, and an engine can pack again around it."""
+
+    class Shifted(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.weight = inner, inner.weight
+
+        def forward(self, x):
+            return self.inner(x) + 0.5
+
+    models = [Transformer.build(ModelConfig.from_preset("tiny-llama"), seed=0).eval() for _ in range(2)]
+    x = torch.randint(0, models[0].config.vocab_size, (2, 9))
+    for m in models:
+        attn = m.layers[0].self_attn
+        attn.q_proj = Shifted(attn.q_proj)
+    models[0].pack_for_cpu_inference()  # packed around the wrapper: k/v on their own copies
+    assert models[0].layers[0].self_attn.stacked_packed is None
+    assert models[0].layers[0].self_attn.k_proj.packed is not None
+    models[1].pack_for_cpu_inference()
+    with torch.no_grad():
+        reference = Transformer.build(ModelConfig.from_preset("tiny-llama"), seed=0).eval()
+        reference.layers[0].self_attn.q_proj = Shifted(reference.layers[0].self_attn.q_proj)
+        expected = reference(x)
+        torch.testing.assert_close(models[0](x), expected, rtol=1e-5, atol=1e-5)
+        models[1].layers[1].self_attn.q_proj = Shifted(models[1].layers[1].self_attn.q_proj)
+        reference.layers[1].self_attn.q_proj = Shifted(reference.layers[1].self_attn.q_proj)
+        # swapped in after packing: the stacked copy of layer 1 must not run
+        torch.testing.assert_close(models[1](x), reference(x), rtol=1e-5, atol=1e-5)
 
 
 @needs_mkldnn
@@ -200,9 +245,15 @@ def test_packed_model_gives_the_same_logits(preset):
         packed = model(x)
     n_linears = sum(isinstance(m, transformer.Linear) for m in model.modules())
     assert n == n_linears + (model.lm_head is None)
-    copies = [m.packed for m in model.modules() if isinstance(m, transformer.Linear)]
+    copies = model.packed_copies()
+    assert len(copies) == n_linears and None not in copies.values()
+    # q/k/v share one stacked copy, and gate/up one (Llama's MLP; GPT-2's GELU MLP has no pair)
+    attn = model.layers[0].self_attn
+    assert copies["layers.0.self_attn.q_proj"] is copies["layers.0.self_attn.v_proj"]
+    assert attn.stacked_packed is not None and attn.q_proj.packed is None
+    assert (model.layers[0].mlp.stacked_packed is not None) == (preset == "tiny-llama")
     assert model.pack_for_cpu_inference() == n  # fresh copies are kept, not made again
-    assert copies == [m.packed for m in model.modules() if isinstance(m, transformer.Linear)]
+    assert copies == model.packed_copies()
     torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-5)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model(x).logsumexp(-1).mean().backward()
@@ -210,7 +261,11 @@ def test_packed_model_gives_the_same_logits(preset):
     with torch.no_grad():
         after = model(x)
         model.pack_for_cpu_inference()  # stale copies are made again
-        assert all(m.packed.matches(m.weight) for m in model.modules() if isinstance(m, transformer.Linear))
+        for name, copy_ in model.packed_copies().items():
+            owner = model.get_submodule(name.rsplit(".", 1)[0])
+            group = owner.stacked() if copy_ is getattr(owner, "stacked_packed", None) else ()
+            weights = [m.weight for m in group] or [model.get_submodule(name).weight]
+            assert copy_.matches(*weights), name
         torch.testing.assert_close(model(x), after, rtol=1e-5, atol=1e-5)
     assert (after - expected).abs().max() > 1e-3  # the update did change the logits
 

@@ -67,7 +67,7 @@ class EngineConfig:
     compile: bool = False
     """torch.compile the decode steps (one new token per sequence; prefill stays eager):
     1.8-2.2x faster single-request bf16 decode on CPU (llama-150m), with the weights frozen
-    into the compiled code, and ~1.2x faster batches of requests (llama-10m fp32), after tens of
+    into the compiled code, and 1.3-1.5x faster batches of requests (llama-10m fp32), after tens of
     seconds of compilation at the first decode steps. Steps of one lane or a few rows keep
     another copy of the weights each until the process ends (engines over the same model
     share them).

@@ -179,6 +179,8 @@ class LaneBlocks:
         blocks = BlockMask.from_kv_blocks(
             # the kernel wants a row of partial-block ids as long as the pool has blocks; it
             # reads only the first, so an expanded view of each lane's last block serves
+            # (inductor still writes it out: L x pool blocks int32 per layer, e.g. 1 MB for
+            # 64 lanes over 4,000 blocks)
             torch.ones_like(self.full_count), self.last.expand(L, 1, 1, P // bs),
             self.full_count, self.full, BLOCK_SIZE=(G, bs),
             mask_mod=lambda b, h, q_idx, kv_idx: kv_idx % bs < fill[b],

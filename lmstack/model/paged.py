@@ -163,7 +163,8 @@ class LaneBlocks:
     """(L, 1, 1, NB): block ids, the lane's first full_count used (its last block and padding
     follow)."""
     last: torch.Tensor
-    """(L, 1, 1, 1): the lane's last block."""
+    """(L, 1, 1, pool blocks): the lane's last block, expanded (stride 0) to the row the kernel
+    wants: one as long as the pool has blocks, of which it reads the first."""
     last_fill: torch.Tensor
     """(L,) long: slots of the last block that hold keys."""
     block_size: int
@@ -177,11 +178,7 @@ class LaneBlocks:
         (L, H, _, D), (Hkv, P, _), bs = q.shape, pool_k.shape, self.block_size
         G, fill = H // Hkv, self.last_fill
         blocks = BlockMask.from_kv_blocks(
-            # the kernel wants a row of partial-block ids as long as the pool has blocks; it
-            # reads only the first, so an expanded view of each lane's last block serves
-            # (inductor still writes it out: L x pool blocks int32 per layer, e.g. 1 MB for
-            # 64 lanes over 4,000 blocks)
-            torch.ones_like(self.full_count), self.last.expand(L, 1, 1, P // bs),
+            torch.ones_like(self.full_count), self.last,  # the partial blocks
             self.full_count, self.full, BLOCK_SIZE=(G, bs),
             mask_mod=lambda b, h, q_idx, kv_idx: kv_idx % bs < fill[b],
             seq_lengths=(G, P), compute_q_blocks=False)
@@ -241,7 +238,7 @@ def prepare_step(kv: PagedKVCache, rows: list[Row], device: torch.device | str,
         fresh=fresh, dense=bool(torch.equal(new_index, torch.arange(L * T))))
     if (T == 1 and not fresh and kv.sliding_window is None and FLEX_ON_CPU
             and kv.k[0].device.type == "cpu"):  # one sequence per lane
-        meta.lane_blocks = _lane_blocks(key_blocks, lane, n_blocks_t, ctx_t, bs)
+        meta.lane_blocks = _lane_blocks(key_blocks, lane, n_blocks_t, ctx_t, bs, kv.num_blocks)
     return tokens.view(L, T).to(device), meta.positions, meta
 
 
@@ -387,7 +384,7 @@ def _lane_keys(kv: PagedKVCache, lanes: _Lanes, tables: list[list[int]], n_block
 
 
 def _lane_blocks(key_blocks: torch.Tensor, lane: torch.Tensor, n_blocks: torch.Tensor,
-                 ctx: torch.Tensor, bs: int) -> LaneBlocks:
+                 ctx: torch.Tensor, bs: int, num_blocks: int) -> LaneBlocks:
     """LaneBlocks of a step whose lanes hold one sequence each (row r in lane lane[r])."""
     L = key_blocks.shape[0]
     full_count = torch.zeros(L, dtype=torch.int32)
@@ -397,7 +394,7 @@ def _lane_blocks(key_blocks: torch.Tensor, lane: torch.Tensor, n_blocks: torch.T
     last[lane] = key_blocks[lane, n_blocks - 1].int()
     fill[lane] = (ctx - 1) % bs + 1
     return LaneBlocks(full_count.view(L, 1, 1), key_blocks.int().view(L, 1, 1, -1),
-                      last.view(L, 1, 1, 1), fill, bs)
+                      last.view(L, 1, 1, 1).expand(L, 1, 1, num_blocks), fill, bs)
 
 
 def _check_rows(kv: PagedKVCache, rows: list[Row], n: list[int], computed: list[int],

@@ -127,8 +127,8 @@ def _packed_linear_impl(x: torch.Tensor, weights: list[torch.Tensor],
 # `lmstack::packed_linear`: _packed_linear_impl as an opaque op, which torch.compile leaves as
 # it is (oneDNN's packed copies cannot be traced). Defined through torch.library.Library rather
 # than the custom_op decorator, whose wrapping cost ~5 us more per call (one-off measurement:
-# 134 against 127-130 us for a 47 x 256 x 704 product, 122-126 called directly); a decode step
-# of llama-10m makes 43 such calls.
+# 134 against 127-130 us for a 47 x 256 x 704 product, 122-126 called directly); a compiled
+# decode step of llama-10m makes 25 such calls.
 _LIB = torch.library.Library("lmstack", "DEF")
 _LIB.define("packed_linear(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor")
 _LIB.impl("packed_linear", _packed_linear_impl, "CompositeExplicitAutograd")
@@ -410,11 +410,13 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def pack_for_cpu_inference(self, repack: bool = False) -> int:
-        """Give every `Linear` (and a tied head) a `PackedWeight` for faster CPU inference;
-        return how many are packed. The packed copies double those weights' memory, are used
-        only without autograd, and are ignored once their weight changes (call again then:
-        copies that still match their weight are kept, not made again; `repack=True` makes
-        every copy again, for writes through `.data`, which the copies cannot see)."""
+        """Give every `Linear` (and a tied head) a `PackedWeight` for faster CPU inference, the
+        projections that read one input (q/k/v, gate/up) one stacked copy between them (see
+        `stacked_linear`); return how many Linears (and heads) are packed. The packed copies
+        double those weights' memory, are used only without autograd, and are ignored once
+        their weights change (call again then: copies that still match their weights are
+        kept, not made again; `repack=True` makes every copy again, for writes through
+        `.data`, which the copies cannot see)."""
         stacked = set()  # Linears served by a stacked copy (q/k/v, gate/up) instead of their own
         for owner in self.modules():
             if isinstance(owner, Attention | MLP):

@@ -255,15 +255,18 @@ def test_weights_changed_after_writes_through_data(options, monkeypatch):
     with torch.no_grad():
         for layer in model.layers:
             layer.mlp.down_proj.weight.data.mul_(-3.0)
+            layer.mlp.up_proj.weight.data.mul_(2.0)  # part of the gate/up stacked copy
     unpacked = copy.deepcopy(model)  # a copy has no packed copies: the new weights' reference
     changed = [generate(unpacked, [p], MAX_TOKENS)[0] for p in prompts]
     assert changed != reference
     assert tokens() == reference  # unseen: the engine still computes with the old copies
     old_packed = model.layers[0].mlp.down_proj.packed
+    old_stacked = model.layers[0].mlp.stacked_packed
     draft_packed = draft.layers[0].mlp.down_proj.packed if draft is not None else None
     old_steps = (llm.speculator.target_step, llm.speculator.draft_step) if draft is not None else None
     assert llm.weights_changed() > 0  # cached prompt blocks dropped
     assert model.layers[0].mlp.down_proj.packed is not old_packed
+    assert model.layers[0].mlp.stacked_packed is not old_stacked
     if draft is not None:  # the draft is packed again too (its tokens only steer acceptance)
         assert draft.layers[0].mlp.down_proj.packed is not draft_packed
         # the speculator takes the new compiled steps (eager: the same models as before)

@@ -123,7 +123,7 @@ class AttnMetadata:
         if self.lane_blocks is not None and torch.compiler.is_compiling():
             # eager flex_attention would score every pool slot: compiled only
             return self.lane_blocks.attend(q, *self.kv.flat(layer))
-        return attention(q, *self.gather(layer, k.shape[0]), mask)
+        return attention(q, *self.gather(layer), mask)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the new (L, Hkv, T, D) keys/values into the pool at their slots."""
@@ -135,9 +135,10 @@ class AttnMetadata:
                 rows = rows[:, self.new_index]  # (Hkv, N, D): drop padding, order by row
             pool.index_copy_(1, self.slot_mapping, rows.to(pool.dtype))
 
-    def gather(self, layer: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each lane's keys/values copied out of the pool, (L, Hkv, S, D), padded to S slots."""
         Hkv, D = self.kv.k[layer].shape[0], self.kv.k[layer].shape[-1]
+        L = self.key_blocks.shape[0]
         # whole blocks: index_select of contiguous (block_size, D) chunks is several times
         # faster than gathering single slots
         blocks = self.key_blocks.flatten()
@@ -238,7 +239,7 @@ def prepare_step(kv: PagedKVCache, rows: list[Row], device: torch.device | str,
         fresh=fresh, dense=bool(torch.equal(new_index, torch.arange(L * T))))
     if (T == 1 and not fresh and kv.sliding_window is None and FLEX_ON_CPU
             and kv.k[0].device.type == "cpu"):  # one sequence per lane
-        meta.lane_blocks = _lane_blocks(key_blocks, lane, n_blocks_t, ctx_t, bs, kv.num_blocks)
+        meta.lane_blocks = _lane_blocks(key_blocks, n_blocks_t, ctx_t, bs, kv.num_blocks)
     return tokens.view(L, T).to(device), meta.positions, meta
 
 
@@ -383,18 +384,13 @@ def _lane_keys(kv: PagedKVCache, lanes: _Lanes, tables: list[list[int]], n_block
     return key_blocks.view(L, NB), k_row, k_pos
 
 
-def _lane_blocks(key_blocks: torch.Tensor, lane: torch.Tensor, n_blocks: torch.Tensor,
-                 ctx: torch.Tensor, bs: int, num_blocks: int) -> LaneBlocks:
-    """LaneBlocks of a step whose lanes hold one sequence each (row r in lane lane[r])."""
+def _lane_blocks(key_blocks: torch.Tensor, n_blocks: torch.Tensor, ctx: torch.Tensor, bs: int,
+                 num_blocks: int) -> LaneBlocks:
+    """LaneBlocks of a decode step: one new token per lane, so row r is lane r (_Lanes)."""
     L = key_blocks.shape[0]
-    full_count = torch.zeros(L, dtype=torch.int32)
-    last = torch.zeros(L, dtype=torch.int32)
-    fill = torch.zeros(L, dtype=torch.long)
-    full_count[lane] = (n_blocks - 1).int()
-    last[lane] = key_blocks[lane, n_blocks - 1].int()
-    fill[lane] = (ctx - 1) % bs + 1
-    return LaneBlocks(full_count.view(L, 1, 1), key_blocks.int().view(L, 1, 1, -1),
-                      last.view(L, 1, 1, 1).expand(L, 1, 1, num_blocks), fill, bs)
+    last = key_blocks[torch.arange(L), n_blocks - 1].int()
+    return LaneBlocks((n_blocks - 1).int().view(L, 1, 1), key_blocks.int().view(L, 1, 1, -1),
+                      last.view(L, 1, 1, 1).expand(L, 1, 1, num_blocks), (ctx - 1) % bs + 1, bs)
 
 
 def _check_rows(kv: PagedKVCache, rows: list[Row], n: list[int], computed: list[int],

@@ -113,11 +113,23 @@ PACKED_IN_GRAPHS = False
 lmstack.infer.compiled around the calls it compiles that way)."""
 
 
+def _stacked_bias(biases: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The biases of stacked weights side by side (all given, or all None)."""
+    return None if biases[0] is None else biases[0] if len(biases) == 1 else torch.cat(biases)
+
+
+def _eager_cpu_inference(x: torch.Tensor) -> bool:
+    """Whether packed copies may serve x: CPU, no autograd, no autocast, not being traced
+    (autograd and autocast must see F.linear, and torch.compile runs the products itself)."""
+    return not (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu"
+                or torch.is_autocast_enabled("cpu"))
+
+
 def _packed_linear_impl(x: torch.Tensor, weights: list[torch.Tensor],
                         biases: list[torch.Tensor | None]) -> torch.Tensor:
     """x through the weights stacked (their outputs side by side; biases all given or all
     None): their fresh packed copy, if they have one, else F.linear."""
-    bias = None if biases[0] is None else biases[0] if len(biases) == 1 else torch.cat(biases)
+    bias = _stacked_bias(biases)
     packed = _PACKED_BY_PTRS.get(tuple(w.data_ptr() for w in weights))
     if packed is not None and packed.serves(x, *weights):
         return packed_linear(x, packed, bias)
@@ -157,8 +169,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if torch.compiler.is_compiling() and PACKED_IN_GRAPHS:
         return packed_linear_op(x, [weight], [bias])
-    if (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu"
-            or torch.is_autocast_enabled("cpu")):
+    if not _eager_cpu_inference(x):
         return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1]
     fp32 = x.dtype == torch.float32 and weight.dtype == torch.float32
@@ -197,12 +208,10 @@ def stacked_linear(x: torch.Tensor, linears: tuple[nn.Module, ...],
     weights, biases = [m.weight for m in linears], [m.bias for m in linears]
     if torch.compiler.is_compiling() and PACKED_IN_GRAPHS:
         y = packed_linear_op(x, weights, biases)  # checks the copy's freshness when it runs
-    elif (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu"
-            or torch.is_autocast_enabled("cpu") or not packed.serves(x, *weights)):
-        return [m(x) for m in linears]
+    elif _eager_cpu_inference(x) and packed.serves(x, *weights):
+        y = packed_linear(x, packed, _stacked_bias(biases))
     else:
-        bias = None if biases[0] is None else torch.cat(biases)
-        y = packed_linear(x, packed, bias)
+        return [m(x) for m in linears]
     return list(y.split([w.shape[0] for w in weights], dim=-1))
 
 

@@ -2,7 +2,9 @@
 
 Both models have the same config and the same weights (lmstack saves an HF directory, transformers
 loads it) and see the same batch. Each computes its own loss: lmstack's `cross_entropy_sum`, and
-transformers' own causal-LM loss (`labels=`, summed with `num_items_in_batch=1`). Everything else
+transformers' own causal-LM loss (`labels=`, summed with `num_items_in_batch=1`); with --compile,
+each model's layers and its loss are compiled (lmstack's loop uses `compiled_cross_entropy_sum`
+then). Everything else
 is lmstack's training step, shared: loss sum / valid-token count, backward, global-norm clipping,
 AdamW (`accumulate_gradients`, `Precision.step`, `make_optimizer` from `lmstack.train`).
 
@@ -35,7 +37,13 @@ from torch import nn
 from lmstack.model import ModelConfig, Transformer
 from lmstack.model.hf import save_hf
 from lmstack.model.transformer import NATIVE_CPU_BF16
-from lmstack.train import OptimConfig, accumulate_gradients, cross_entropy_sum, keep_freed_memory
+from lmstack.train import (
+    OptimConfig,
+    accumulate_gradients,
+    compiled_cross_entropy_sum,
+    cross_entropy_sum,
+    keep_freed_memory,
+)
 from lmstack.train.optim import make_optimizer, trainable_parameters
 from lmstack.train.parallel import apply_compile
 from lmstack.train.precision import Precision
@@ -125,12 +133,14 @@ def hf_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -
 
 
 def compile_blocks(model: nn.Module) -> None:
-    """lmstack's own compile path (each block); the same per-layer compile for transformers."""
+    """lmstack's own compile path (each block; the loop then compiles its loss too); the same
+    for transformers: each layer, and its loss function."""
     if isinstance(model, Transformer):
         apply_compile(model)
     else:
         for layer in model.model.layers:
             layer.compile()
+        model.loss_function = torch.compile(model.loss_function)
 
 
 @dataclass
@@ -167,7 +177,8 @@ def trainee_pair(preset: str, dtype: str, compiled: bool, folder: Path) -> list[
         compile_blocks(ours)
         compile_blocks(hf)
     cpu = torch.device("cpu")
-    return [Trainee("lmstack", ours, cross_entropy_sum, Precision(dtype, cpu)),
+    loss = compiled_cross_entropy_sum if compiled else cross_entropy_sum  # as the loop picks
+    return [Trainee("lmstack", ours, loss, Precision(dtype, cpu)),
             Trainee("transformers", hf, hf_loss_sum, Precision(dtype, cpu))]
 
 

@@ -27,9 +27,11 @@ from lmstack.data import prepare
 from lmstack.model import ModelConfig, Transformer
 from lmstack.model.hf import load_hf
 from lmstack.train import (
+    IGNORE_INDEX,
     CheckpointError,
     TrainConfig,
     accumulate_gradients,
+    compiled_cross_entropy_sum,
     cross_entropy_sum,
     latest_checkpoint,
     list_checkpoints,
@@ -46,6 +48,7 @@ from lmstack.train.config import (
     PrecisionConfig,
     ScheduleConfig,
 )
+from lmstack.train.loop import loss_for
 from lmstack.train.optim import param_groups
 from lmstack.train.parallel import apply_activation_checkpointing
 from lmstack.train.precision import Precision
@@ -541,6 +544,33 @@ def test_compiled_blocks_train_like_eager_on_cpu():
     model, _, _ = run(hooks=[compiled], max_steps=3, compile=True, activation_checkpointing=True)
     assert all(block._compiled_call_impl is not None for block in model.layers)
     assert [s.loss for s in compiled.stats] == pytest.approx([s.loss for s in eager.stats], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compiled_cross_entropy_matches_eager_loss_and_gradients(dtype):
+    """The loss the loop runs under compile: same sum and same gradients as the eager one, with
+    ignored targets in the batch, in fp32 and under bf16 autocast (bf16 logits cast inside)."""
+    assert loss_for(cross_entropy_sum, quiet_config(compile=True)) is compiled_cross_entropy_sum
+    assert loss_for(cross_entropy_sum, quiet_config()) is cross_entropy_sum
+    custom = lambda model, inputs, targets: cross_entropy_sum(model, inputs, targets)  # noqa: E731
+    assert loss_for(custom, quiet_config(compile=True)) is custom
+    inputs, targets = val_set()[0]
+    targets = targets.clone()
+    targets[0, :5] = targets[1, -3:] = IGNORE_INDEX
+    precision = Precision(dtype, torch.device("cpu"))
+    results = []
+    for loss_fn in (cross_entropy_sum, compiled_cross_entropy_sum):
+        model = tiny_model()
+        with precision.autocast():
+            loss = loss_fn(model, inputs, targets)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert compiled.dtype == torch.float32
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=0)
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 _FAULTS_SCRIPT = """

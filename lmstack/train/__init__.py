@@ -24,6 +24,7 @@ from lmstack.train.loop import (
     BatchSource,
     TrainResult,
     accumulate_gradients,
+    compiled_cross_entropy_sum,
     cross_entropy_sum,
     evaluate,
     keep_freed_memory,
@@ -36,7 +37,8 @@ from lmstack.train.metrics import StepStats
 __all__ = [
     "IGNORE_INDEX", "BatchSource", "CheckpointConfig", "CheckpointError", "EvalConfig",
     "LoggingConfig", "OptimConfig", "PrecisionConfig", "ScheduleConfig", "StepStats",
-    "TrainConfig", "TrainResult", "accumulate_gradients", "cross_entropy_sum", "evaluate",
-    "keep_freed_memory", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model",
-    "perplexity", "resolve_device", "save_checkpoint", "train", "validate_checkpoint",
+    "TrainConfig", "TrainResult", "accumulate_gradients", "compiled_cross_entropy_sum",
+    "cross_entropy_sum", "evaluate", "keep_freed_memory", "latest_checkpoint", "list_checkpoints",
+    "load_checkpoint", "load_model", "perplexity", "resolve_device", "save_checkpoint", "train",
+    "validate_checkpoint",
 ]

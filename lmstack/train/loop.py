@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,9 +64,34 @@ class BatchSource(Protocol):
 def cross_entropy_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The default loss: next-token cross-entropy SUMMED over targets != -100 (the loop divides
     by the token count). Any loss_fn must return such a sum, computed in fp32."""
-    logits = model(inputs)  # (B, T, V)
+    return token_cross_entropy_sum(model(inputs), targets)
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V) in any dtype, targets (B, T): the fp32 sum over targets != -100."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@functools.cache
+def _compiled_token_cross_entropy_sum() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return torch.compile(token_cross_entropy_sum)
+
+
+def compiled_cross_entropy_sum(model: nn.Module, inputs: torch.Tensor,
+                               targets: torch.Tensor) -> torch.Tensor:
+    """cross_entropy_sum with the cast, log-softmax and loss (and their backward) as one
+    compiled graph: the loop's loss with cfg.compile. Eager, bf16 logits pay a cast and three
+    passes over the (B*T, V) logits each way; one-off A/B of compiled llama-10m bf16 steps,
+    alternating in one process (Zen 4, 2 threads): 97.6 -> 95.1 ms at 4 x 128, 369 -> 361 ms
+    at 8 x 256."""
+    return _compiled_token_cross_entropy_sum()(model(inputs), targets)
+
+
+def loss_for(loss_fn: LossFn, cfg: TrainConfig) -> LossFn:
+    """The loss the loop runs: the compiled cross-entropy in place of the default under
+    cfg.compile; any other loss_fn as given."""
+    return compiled_cross_entropy_sum if cfg.compile and loss_fn is cross_entropy_sum else loss_fn
 
 
 @dataclass
@@ -122,6 +148,7 @@ def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
     optimizer = make_optimizer(model, cfg.optim)
     run = _start(model, optimizer, precision, batches, cfg, resume_from)
     _apply_transforms(model, cfg)
+    loss_fn = loss_for(loss_fn, cfg)
     flops_per_token = _flops_per_token(model, cfg)
     log = MetricsLog(out_dir, cfg.logging, run.step, cfg.max_steps)
     result = TrainResult(run.step, [], None, None, None)

@@ -145,7 +145,7 @@ class TrainConfig:
     """Where `lmstack pretrain` builds the model: auto (cuda if available, else cpu), cpu, cuda
     or cuda:N. train() itself runs wherever the model's parameters are."""
     compile: bool = False
-    """torch.compile each Transformer block."""
+    """torch.compile each Transformer block, and the default loss (its cross-entropy)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them."""
     optim: OptimConfig = field(default_factory=OptimConfig)

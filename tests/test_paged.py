@@ -1,5 +1,6 @@
 """Paged attention (PagedKVCache + prepare_step) against the contiguous full forward pass."""
 
+import dataclasses
 import random
 
 import pytest
@@ -207,17 +208,22 @@ def test_blocks_for_budget():
         PagedKVCache.blocks_for_budget(model, per_token, block_size=16)
 
 
-@pytest.mark.skipif(not paged.FLEX_ON_CPU, reason="inductor's CPU flex_attention needs AVX2")
+@pytest.mark.parametrize("compiled", [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(
+        not paged.FLEX_ON_CPU, reason="inductor's CPU flex_attention needs AVX2")),
+], ids=["eager", "compiled"])
 @pytest.mark.parametrize("preset,dtype,atol", [
     ("tiny-llama", torch.float32, TOL),  # GQA: query heads fold onto their key/value head
     ("tiny-gpt2", torch.float32, TOL),   # MHA
     ("tiny-llama", torch.bfloat16, 3e-2),
 ])
-def test_compiled_decode_attends_over_the_pool_in_place(preset, dtype, atol, monkeypatch):
-    """A compiled decode step reads each lane's blocks from the pool through LaneBlocks (no
-    gather is traced) and gives the gather path's logits: contexts ending mid-block, on a
-    block's last slot and on a new block's first, a block shared by two sequences, and
-    lanes of different lengths."""
+def test_decode_attends_by_lane_blocks_without_the_gather(preset, dtype, atol, compiled,
+                                                           monkeypatch):
+    """A decode step reads each lane's blocks through LaneBlocks, by (lane, block) pairs eager
+    and with flex_attention over the pool compiled, never gathering the padded context, and
+    gives the gather path's logits: contexts ending mid-block, on a block's last slot and on a
+    new block's first, a block shared by two sequences, and lanes of different lengths."""
     model = build(preset).to(dtype)
     bs = 4
     kv = PagedKVCache.for_model(model, num_blocks=32, block_size=bs)
@@ -238,14 +244,18 @@ def test_compiled_decode_attends_over_the_pool_in_place(preset, dtype, atol, mon
     blocks = meta.lane_blocks
     assert blocks.last_fill.tolist() == [1, 4, 3, 3]
     assert blocks.full_count.flatten().tolist() == [2, 2, 1, 0]
+    assert blocks.pair_lane.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3]
+    assert blocks.pair_block.tolist() == [b for t, n in zip(tables, [3, 3, 2, 1], strict=True) for b in t[:n]]
     with torch.no_grad():
-        ref = model(tokens, positions, cache=meta)  # eager: gathers
+        ref = model(tokens, positions, cache=dataclasses.replace(meta, lane_blocks=None))  # gathers
 
     def no_gather(*args):
-        raise AssertionError("the compiled decode step gathered the lanes' keys")
+        raise AssertionError("the decode step gathered the lanes' keys")
 
     monkeypatch.setattr(paged.AttnMetadata, "gather", no_gather)
-    step = torch.compile(lambda t, p, m: model(t, p, cache=m), fullgraph=True)
+    step = lambda t, p, m: model(t, p, cache=m)  # noqa: E731
+    if compiled:
+        step = torch.compile(step, fullgraph=True)
     with torch.no_grad():
         got = step(tokens, positions, meta)
     torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=0)
@@ -254,7 +264,7 @@ def test_compiled_decode_attends_over_the_pool_in_place(preset, dtype, atol, mon
 def test_lane_blocks_only_for_decode_steps_without_a_window():
     seqs = [([1], [0, 1], 5), ([2], [2], 2)]
     kv = PagedKVCache(1, num_blocks=4, block_size=4, n_kv_heads=1, head_dim=2)
-    assert (prepare_step(kv, seqs, "cpu")[2].lane_blocks is not None) == paged.FLEX_ON_CPU
+    assert prepare_step(kv, seqs, "cpu")[2].lane_blocks is not None
     assert prepare_step(kv, [([1, 2], [0, 1], 4)], "cpu")[2].lane_blocks is None  # 2 new tokens
     assert prepare_step(kv, [([1], [0], 0)], "cpu")[2].lane_blocks is None  # fresh: no pool read
     windowed = PagedKVCache(1, num_blocks=4, block_size=4, n_kv_heads=1, head_dim=2, sliding_window=3)

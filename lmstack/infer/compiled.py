@@ -22,7 +22,8 @@ products run depends on the step's size:
   requests the other way (345 vs 402).
 Attention in every compiled decode step on CPU reads each lane's keys and values from the
 paged pool in place (flex_attention over the lanes' block ids, `paged.LaneBlocks`) instead of
-gathering them into a padded copy first; eager steps gather.
+gathering them into a padded copy first; eager ones copy each lane's own blocks and attend
+block by block (`LaneBlocks.attend_by_block`).
 Prefill chunks stay eager: their shapes change every step.
 
 Frozen weights are copies: if the model's weights change after the first compiled step (an

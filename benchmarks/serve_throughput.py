@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-batches", type=int, nargs="+", default=[],
                    help="(b) also decode this many requests together with compile=True, each count "
                         "through inductor's C++ GEMM and through oneDNN's packed kernel (what "
-                        "lmstack.infer.compiled.FROZEN_MAX_ROWS chooses between; minutes of compiling)")
+                        "lmstack.infer.compiled.frozen_max_rows chooses between; minutes of compiling)")
     p.add_argument("--spec-k", type=int, default=4, help="(c) draft tokens per step")
     p.add_argument("--spec-preset", default="llama-50m", help="(c) target shape")
     p.add_argument("--spec-damp", type=float, nargs="+", default=[0.05, 0.01],
@@ -326,8 +326,9 @@ def batch_kernels(model: Transformer, counts: list[int], n: int) -> None:
     if min(counts) < 2:
         raise SystemExit("--decode-batches: counts of at least 2 (one request always runs the C++ GEMM)")
     llm = LLM(model, max_num_seqs=max(counts), num_blocks=64 * max(counts), compile=True)
-    kernels = {"C++ GEMM (frozen)": 10**9, "oneDNN (packed)": 0}  # FROZEN_MAX_ROWS for each
-    default, rows = compiled.FROZEN_MAX_ROWS, []
+    kernels = {"C++ GEMM (frozen)": 10**9, "oneDNN (packed)": 0}  # FROZEN_ROWS_PER_WEIGHT_BYTE
+    default, rows = compiled.FROZEN_ROWS_PER_WEIGHT_BYTE, []
+    limit_now = compiled.frozen_max_rows(model.embed_tokens.weight.dtype)
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     try:
         for count in counts:
@@ -335,16 +336,16 @@ def batch_kernels(model: Transformer, counts: list[int], n: int) -> None:
             best = dict.fromkeys(kernels, 0.0)
             for rep in range(3):  # the first turn compiles (not timed); best of the other two
                 for name, limit in kernels.items():
-                    compiled.FROZEN_MAX_ROWS = limit
+                    compiled.FROZEN_ROWS_PER_WEIGHT_BYTE = limit
                     llm.reset_prefix_cache()
                     elapsed, outs = timed(partial(llm.generate, prompts, params))
                     if rep:
                         best[name] = max(best[name], sum(len(o.token_ids) for o in outs) / elapsed)
-            rows += [(f"{count} requests, {name}", rate, "chosen" if (limit < count) == (default < count)
+            rows += [(f"{count} requests, {name}", rate, "chosen" if (limit < count) == (limit_now < count)
                       else "") for (name, rate), limit in zip(best.items(), kernels.values(), strict=True)]
     finally:
-        compiled.FROZEN_MAX_ROWS = default
-    table(f"(b) requests decoding together, compile=True (FROZEN_MAX_ROWS = {default})",
+        compiled.FROZEN_ROWS_PER_WEIGHT_BYTE = default
+    table(f"(b) requests decoding together, compile=True (frozen_max_rows = {limit_now})",
           rows, "tok/s", rows[0][0])
 
 

@@ -83,11 +83,15 @@ def test_packed_and_unpacked_engines_give_the_reference_tokens(reference, model,
     assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == reference
 
 
-def test_compiled_decode_gives_the_reference_tokens_until_the_weights_change(model, reference):
+def test_compiled_decode_gives_the_reference_tokens_until_the_weights_change(model, reference,
+                                                                           monkeypatch):
     """LLM(compile=True) runs decode steps through inductor (weights frozen in) and gives the
     reference tokens; once a weight changes in place, decode runs eagerly with the new weights."""
+    from lmstack.infer import compiled as compiled_module
     from lmstack.infer.compiled import CompiledDecode
 
+    # fp32 steps of at most 4 rows frozen (8 by default), so the 8 prompts' steps take both kinds
+    monkeypatch.setattr(compiled_module, "FROZEN_ROWS_PER_WEIGHT_BYTE", 1)
     fresh = Transformer.build(model.config, seed=0).eval()
     # no prefix caching: cached blocks would keep keys/values of the old weights
     llm = LLM(fresh, compile=True, enable_prefix_caching=False)
@@ -183,7 +187,7 @@ def test_compiled_bf16_decode_step_matches_eager_logits(lanes):
             assert (out - eager).abs().max() <= 0.05 * scale  # measured: 0.006-0.012
             assert (out - eager).abs().mean() <= 0.01 * scale  # measured: 0.0015-0.0026
     packed_op = any(e.name == "lmstack::packed_linear" for e in prof.events())
-    assert packed_op == (lanes > compiled.FROZEN_MAX_ROWS)
+    assert packed_op == (lanes > compiled.frozen_max_rows(torch.bfloat16) == 4)
 
 
 def test_compiled_decode_falls_back_to_eager_when_compilation_fails(model, reference):

@@ -7,7 +7,7 @@ A decode step of a small batch reads every weight once to compute a few rows, an
 small ops per layer besides. Inductor fuses those ops into a few generated kernels. How the
 products run depends on the step's size:
 - one lane (one request's decode step, a speculative verify or draft step) or at most
-  FROZEN_MAX_ROWS rows: with `freezing` the weights become constants that inductor lays out
+  `frozen_max_rows` rows (8 for fp32 weights, 4 for bf16): with `freezing` the weights become constants that inductor lays out
   once; on CPU `max_autotune` with the C++ GEMM template generates matrix-vector products that
   stream bf16 weights at 20-33 GB/s where oneDNN's packed linear reaches 12-25 (Zen 4, one-off
   measurement of the llama-150m shapes);
@@ -56,10 +56,21 @@ from lmstack.model import transformer
 # when the weights stream from memory, as they do in decode)
 OPTIONS = {"freezing": True}
 CPU_OPTIONS = {**OPTIONS, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
-FROZEN_MAX_ROWS = 4
-"""On CPU, steps of several lanes and more rows than this run oneDNN's packed linears; fewer,
-inductor's C++ GEMM on frozen weights (measured crossover: between 4 and 8 rows, 6 either way
-in two runs; see above)."""
+FROZEN_ROWS_PER_WEIGHT_BYTE = 2
+"""On CPU, steps of several lanes run inductor's C++ GEMM on frozen weights up to this many rows
+per byte of a weight element, and oneDNN's packed linears above (see frozen_max_rows)."""
+
+
+def frozen_max_rows(dtype: torch.dtype) -> int:
+    """The most rows a multi-lane CPU step runs on frozen weights: 8 for fp32, 4 for bf16.
+
+    The C++ GEMM streams weights faster and computes slower than oneDNN, so it wins while a
+    product is bound by reading its weights, and a weight of more bytes keeps it bound for
+    more rows. Measured crossovers (Zen 4, 2 threads): llama-150m bf16 between 4 and 8 rows
+    (6 either way in two runs; see above). fp32, serving benchmark (a) log-uniform, medians of
+    alternating rounds in one process at limits 4 / 8 / 12 rows: llama-10m 2,925 / 2,982 /
+    3,041 tokens/s, llama-50m 662 / 673 / 670; uniform, llama-10m at 4 / 12: 2,529 / 2,523."""
+    return FROZEN_ROWS_PER_WEIGHT_BYTE * dtype.itemsize
 _ids = itertools.count()
 
 
@@ -154,7 +165,8 @@ class CompiledDecode:
                 if t is not None:  # logits_index: None for every position's logits
                     torch._dynamo.maybe_mark_dynamic(t, 0)
         # more rows on CPU: oneDNN's packed linears as opaque calls, no frozen copies
-        packed = self.options is CPU_OPTIONS and several and tokens.numel() > FROZEN_MAX_ROWS
+        packed = (self.options is CPU_OPTIONS and several
+                  and tokens.numel() > frozen_max_rows(self.model.embed_tokens.weight.dtype))
         options = {} if packed else self.options
         try:
             with torch._inductor.config.patch(options), _packed_in_graphs(packed):

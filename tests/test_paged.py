@@ -79,7 +79,12 @@ MIXED = [  # prefill chunk of one row next to decodes of others
 ])
 @pytest.mark.parametrize("block_size", [1, 3, 16])
 @pytest.mark.parametrize("pack", [False, True])
-def test_mixed_prefill_and_decode_match_full_forward(preset, overrides, block_size, pack):
+@pytest.mark.parametrize("by_block", [False, True], ids=["gather", "by-block"])
+def test_mixed_prefill_and_decode_match_full_forward(preset, overrides, block_size, pack, by_block,
+                                                     monkeypatch):
+    """by_block: eager decode steps attend block by block, not only past a padding size."""
+    if by_block:
+        monkeypatch.setattr(paged, "BY_BLOCK_MIN_PADDING", 0)
     model = build(preset, **overrides)
     seqs = random_seqs([16, 10, 22], model.config.vocab_size)
     assert_matches_full(model, seqs, run_schedule(model, seqs, MIXED, block_size, pack=pack))
@@ -244,8 +249,11 @@ def test_decode_attends_by_lane_blocks_without_the_gather(preset, dtype, atol, c
     blocks = meta.lane_blocks
     assert blocks.last_fill.tolist() == [1, 4, 3, 3]
     assert blocks.full_count.flatten().tolist() == [2, 2, 1, 0]
-    assert blocks.pair_lane.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3]
-    assert blocks.pair_block.tolist() == [b for t, n in zip(tables, [3, 3, 2, 1], strict=True) for b in t[:n]]
+    lane, block, bias = blocks.pairs
+    assert lane.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3]
+    assert block.tolist() == [b for t, n in zip(tables, [3, 3, 2, 1], strict=True) for b in t[:n]]
+    assert (bias[0, :, 0] == 0).sum(1).tolist() == [4, 4, 1, 4, 4, 4, 4, 3, 3]  # keys per pair
+    blocks.by_block = True  # whatever the padding: these contexts pad little
     with torch.no_grad():
         ref = model(tokens, positions, cache=dataclasses.replace(meta, lane_blocks=None))  # gathers
 
@@ -261,10 +269,16 @@ def test_decode_attends_by_lane_blocks_without_the_gather(preset, dtype, atol, c
     torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=0)
 
 
-def test_lane_blocks_only_for_decode_steps_without_a_window():
+def test_lane_blocks_only_for_decode_steps_without_a_window(monkeypatch):
     seqs = [([1], [0, 1], 5), ([2], [2], 2)]
     kv = PagedKVCache(1, num_blocks=4, block_size=4, n_kv_heads=1, head_dim=2)
     assert prepare_step(kv, seqs, "cpu")[2].lane_blocks is not None
+    # eager steps attend by block once padding to the longest lane would copy enough: here one
+    # padded block of 4 slots x 2 dims x 4 bytes, keys and values, 64 bytes
+    monkeypatch.setattr(paged, "BY_BLOCK_MIN_PADDING", 64)
+    assert prepare_step(kv, seqs, "cpu")[2].lane_blocks.by_block
+    monkeypatch.setattr(paged, "BY_BLOCK_MIN_PADDING", 65)
+    assert not prepare_step(kv, seqs, "cpu")[2].lane_blocks.by_block
     assert prepare_step(kv, [([1, 2], [0, 1], 4)], "cpu")[2].lane_blocks is None  # 2 new tokens
     assert prepare_step(kv, [([1], [0], 0)], "cpu")[2].lane_blocks is None  # fresh: no pool read
     windowed = PagedKVCache(1, num_blocks=4, block_size=4, n_kv_heads=1, head_dim=2, sliding_window=3)

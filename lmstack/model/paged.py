@@ -21,6 +21,7 @@ Q (lane, block) pairs of a decode step.
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -29,6 +30,12 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 # inductor's CPU flex_attention kernel needs AVX2 or better, and no macOS
 FLEX_ON_CPU = sys.platform != "darwin" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+BY_BLOCK_MIN_PADDING = 1 << 20
+"""Eager decode steps attend block by block (LaneBlocks.attend_by_block) when the gather would
+copy at least this many bytes of padding per layer: ~70 us at the ~15 GB/s the gather reached,
+about what the ~20 more small ops of the block-by-block path cost (one-off measurements, Zen 4:
+with one lane, so no padding, it decoded llama-150m bf16 at 59.0 against the gather's 64.0
+tokens/s)."""
 
 
 class PagedKVCache:
@@ -124,11 +131,12 @@ class AttnMetadata:
         self.update(layer, k, v)
         if self.fresh:  # the new keys are the whole context
             return attention(q, k, v, mask)
-        if self.lane_blocks is not None and not torch.compiler.is_compiling():
-            return self.lane_blocks.attend_by_block(q, *self.kv.flat(layer))
-        if self.lane_blocks is not None and FLEX_ON_CPU:
+        blocks, compiling = self.lane_blocks, torch.compiler.is_compiling()
+        if blocks is not None and compiling and FLEX_ON_CPU:
             # eager flex_attention would score every pool slot: compiled only
-            return self.lane_blocks.attend(q, *self.kv.flat(layer))
+            return blocks.attend(q, *self.kv.flat(layer))
+        if blocks is not None and blocks.by_block and not compiling:
+            return blocks.attend_by_block(q, *self.kv.flat(layer))
         return attention(q, *self.gather(layer), mask)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -164,7 +172,8 @@ class LaneBlocks:
     Compiled: flex_attention reads per lane the ids of its full blocks (every slot attended)
     and of its last block, of which the first `last_fill` slots are attended, and visits only
     these blocks of the pool, with no copy (shapes as BlockMask takes them: L lanes, NB blocks
-    of the longest lane, int32). Eager: `attend_by_block` over the step's (lane, block) pairs.
+    of the longest lane, int32). Eager: `attend_by_block` over the step's (lane, block) pairs,
+    if `by_block`.
     """
 
     full_count: torch.Tensor
@@ -178,12 +187,24 @@ class LaneBlocks:
     last_fill: torch.Tensor
     """(L,) long: slots of the last block that hold keys."""
     block_size: int
-    pair_lane: torch.Tensor
-    """(Q,) long: the lane of each of the step's Q (lane, block) pairs, lane by lane."""
-    pair_block: torch.Tensor
-    """(Q,) long: the pair's block id."""
-    pair_bias: torch.Tensor
-    """(1, Q, 1, block_size) fp32: 0 at the pair's slots that hold keys, -inf past them."""
+    by_block: bool
+    """Eager steps attend block by block: padding to the longest lane would copy at least
+    BY_BLOCK_MIN_PADDING bytes per layer."""
+
+    @functools.cached_property
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's Q (lane, block) pairs, lane by lane: each one's lane (Q,) and block id
+        (Q,), and a (1, Q, 1, block_size) fp32 bias, 0 at slots that hold keys and -inf past
+        them. Built at the first eager use (compiled steps never need them)."""
+        L, NB, bs = self.full.shape[0], self.full.shape[-1], self.block_size
+        n_blocks = self.full_count.view(L).long() + 1
+        count = int(self.full_count.sum()) + L
+        lane = torch.arange(L).repeat_interleave(n_blocks, output_size=count)
+        block = self.full.view(L, NB)[torch.arange(NB) < n_blocks[:, None]].long()
+        bias = torch.zeros(count, bs)
+        bias[n_blocks.cumsum(0) - 1] = torch.zeros(L, bs).masked_fill_(
+            torch.arange(bs) >= self.last_fill[:, None], float("-inf"))  # the lanes' last blocks
+        return lane, block, bias.view(1, count, 1, bs)
 
     def attend(self, q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor) -> torch.Tensor:
         """q (L, H, 1, D) over pools (Hkv, P, D) -> (L, H, 1, D).
@@ -216,15 +237,15 @@ class LaneBlocks:
         decoding kernels merge their splits. One-off microbenchmarks against gather + SDPA
         (47 lanes, 32-slot blocks, llama-10m heads, Zen 4): lanes of 20-250 tokens 0.87 vs
         1.08 ms per layer; one lane of 2,000 tokens and 46 of 20-120 (the gather pads all to
-        the longest) 0.75-2.0 vs 11 ms. Engine, eager, A/B in one process: serving benchmark
-        (a) equal while the machine was quiet, +10% in busier rounds; one request with a
-        1,500-token prompt among 31 short ones, 1,655 vs 260 tokens/s (medians of 4 rounds)."""
+        the longest) 0.75-2.0 vs 11 ms. Engine, eager, A/B in one process (with
+        BY_BLOCK_MIN_PADDING): serving benchmark (a) 2,010 vs 1,958 tokens/s (medians of 8
+        rounds); one request with a 1,500-token prompt among 31 short ones, 1,784 vs 269."""
         (L, H, _, D), Hkv, bs = q.shape, pool_k.shape[0], self.block_size
-        G, lane, blocks = H // Hkv, self.pair_lane, self.pair_block
+        G, (lane, blocks, bias) = H // Hkv, self.pairs
         k = pool_k.view(Hkv, -1, bs, D).index_select(1, blocks)  # (Hkv, Q, bs, D)
         v = pool_v.view(Hkv, -1, bs, D).index_select(1, blocks)
         rows = (q.reshape(L, Hkv, G, D) * D ** -0.5).index_select(0, lane).transpose(0, 1)
-        scores = (rows @ k.transpose(-1, -2)).float() + self.pair_bias  # (Hkv, Q, G, bs)
+        scores = (rows @ k.transpose(-1, -2)).float() + bias  # (Hkv, Q, G, bs)
         peak = scores.amax(-1)  # (Hkv, Q, G); every pair has a key
         probs = (scores - peak[..., None]).exp_()
         outs, sums = (probs.to(v.dtype) @ v).float(), probs.sum(-1)  # (Hkv, Q, G, D), (Hkv, Q, G)
@@ -284,7 +305,7 @@ def prepare_step(kv: PagedKVCache, rows: list[Row], device: torch.device | str,
         fresh=fresh, dense=bool(torch.equal(new_index, torch.arange(L * T))))
     if (T == 1 and not fresh and kv.sliding_window is None
             and kv.k[0].device.type == "cpu"):  # one sequence per lane
-        meta.lane_blocks = _lane_blocks(key_blocks, n_blocks_t, ctx_t, bs, kv.num_blocks)
+        meta.lane_blocks = _lane_blocks(kv, key_blocks, n_blocks_t, ctx_t)
     return tokens.view(L, T).to(device), meta.positions, meta
 
 
@@ -429,19 +450,15 @@ def _lane_keys(kv: PagedKVCache, lanes: _Lanes, tables: list[list[int]], n_block
     return key_blocks.view(L, NB), k_row, k_pos
 
 
-def _lane_blocks(key_blocks: torch.Tensor, n_blocks: torch.Tensor, ctx: torch.Tensor, bs: int,
-                 num_blocks: int) -> LaneBlocks:
+def _lane_blocks(kv: PagedKVCache, key_blocks: torch.Tensor, n_blocks: torch.Tensor,
+                 ctx: torch.Tensor) -> LaneBlocks:
     """LaneBlocks of a decode step: one new token per lane, so row r is lane r (_Lanes)."""
-    L, NB = key_blocks.shape
+    (L, NB), bs, pool = key_blocks.shape, kv.block_size, kv.k[0]
+    padding = (L * NB - int(n_blocks.sum())) * 2 * pool[:, 0].numel() * pool.element_size()  # k, v
     last = key_blocks[torch.arange(L), n_blocks - 1].int()
-    used = torch.arange(NB) < n_blocks[:, None]  # (L, NB)
-    slot = torch.arange(NB * bs).view(1, NB, bs)  # position in the lane's context
-    empty = (slot >= ctx.view(L, 1, 1))[used]  # (Q, bs)
-    bias = torch.zeros(empty.shape).masked_fill_(empty, float("-inf"))
     return LaneBlocks((n_blocks - 1).int().view(L, 1, 1), key_blocks.int().view(L, 1, 1, -1),
-                      last.view(L, 1, 1, 1).expand(L, 1, 1, num_blocks), (ctx - 1) % bs + 1, bs,
-                      torch.arange(L).repeat_interleave(n_blocks), key_blocks[used],
-                      bias.view(1, -1, 1, bs))
+                      last.view(L, 1, 1, 1).expand(L, 1, 1, kv.num_blocks), (ctx - 1) % bs + 1,
+                      bs, padding >= BY_BLOCK_MIN_PADDING)
 
 
 def _check_rows(kv: PagedKVCache, rows: list[Row], n: list[int], computed: list[int],

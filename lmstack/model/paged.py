@@ -135,7 +135,7 @@ class AttnMetadata:
         if blocks is not None and compiling and FLEX_ON_CPU:
             # eager flex_attention would score every pool slot: compiled only
             return blocks.attend(q, *self.kv.flat(layer))
-        if blocks is not None and blocks.by_block and not compiling:
+        if blocks is not None and not compiling and blocks.by_block:  # by_block: never traced
             return blocks.attend_by_block(q, *self.kv.flat(layer))
         return attention(q, *self.gather(layer), mask)
 

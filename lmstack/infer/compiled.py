@@ -7,8 +7,8 @@ A decode step of a small batch reads every weight once to compute a few rows, an
 small ops per layer besides. Inductor fuses those ops into a few generated kernels. How the
 products run depends on the step's size:
 - one lane (one request's decode step, a speculative verify or draft step) or at most
-  `frozen_max_rows` rows (8 for fp32 weights, 4 for bf16): with `freezing` the weights become constants that inductor lays out
-  once; on CPU `max_autotune` with the C++ GEMM template generates matrix-vector products that
+  `frozen_max_rows` rows (8 for fp32 weights, 4 for bf16): with `freezing` the weights become
+  constants that inductor lays out once; on CPU `max_autotune` with the C++ GEMM template generates matrix-vector products that
   stream bf16 weights at 20-33 GB/s where oneDNN's packed linear reaches 12-25 (Zen 4, one-off
   measurement of the llama-150m shapes);
 - more rows over several lanes, on CPU: the linears stay oneDNN calls on the model's packed
@@ -67,10 +67,13 @@ def frozen_max_rows(dtype: torch.dtype) -> int:
     The C++ GEMM streams weights faster and computes slower than oneDNN, so it wins while a
     product is bound by reading its weights, and a weight of more bytes keeps it bound for
     more rows. Measured crossovers (Zen 4, 2 threads): llama-150m bf16 between 4 and 8 rows
-    (6 either way in two runs; see above). fp32, serving benchmark (a) log-uniform, medians of
-    alternating rounds in one process at limits 4 / 8 / 12 rows: llama-10m 2,925 / 2,982 /
-    3,041 tokens/s, llama-50m 662 / 673 / 670; uniform, llama-10m at 4 / 12: 2,529 / 2,523."""
+    (6 either way in two runs; see above). fp32, the serving benchmark's (a) log-uniform
+    workload in a one-off script, medians of alternating rounds in one process at limits
+    4 / 8 / 12 rows: llama-10m 2,925 / 2,982 / 3,041 tokens/s, llama-50m 662 / 673 / 670;
+    uniform, llama-10m at 4 / 12: 2,529 / 2,523."""
     return FROZEN_ROWS_PER_WEIGHT_BYTE * dtype.itemsize
+
+
 _ids = itertools.count()
 
 

@@ -237,7 +237,7 @@ class LaneBlocks:
         decoding kernels merge their splits. One-off microbenchmarks against gather + SDPA
         (47 lanes, 32-slot blocks, llama-10m heads, Zen 4): lanes of 20-250 tokens 0.87 vs
         1.08 ms per layer; one lane of 2,000 tokens and 46 of 20-120 (the gather pads all to
-        the longest) 0.75-2.0 vs 11 ms. Engine, eager, A/B in one process (with
+        the longest) 0.75-2.0 vs 11 ms. Engine, eager, one-off A/B script in one process (with
         BY_BLOCK_MIN_PADDING): serving benchmark (a) 2,010 vs 1,958 tokens/s (medians of 8
         rounds); one request with a 1,500-token prompt among 31 short ones, 1,784 vs 269."""
         (L, H, _, D), Hkv, bs = q.shape, pool_k.shape[0], self.block_size

@@ -78,7 +78,7 @@ class PackedWeight:
     def matches(self, *weights: torch.Tensor) -> bool:
         return len(weights) == len(self._sources) and all(
             source() is w and stamp == (w.data_ptr(), w._version)
-            for source, stamp, w in zip(self._sources, self._stamps, weights, strict=False))
+            for source, stamp, w in zip(self._sources, self._stamps, weights, strict=True))
 
     def serves(self, x: torch.Tensor, *weights: torch.Tensor) -> bool:
         """Whether this copy computes x @ cat(weights).T: still fresh, x of the weights' dtype."""

@@ -1,7 +1,8 @@
 """`lmstack <command>`: the only place where layers are wired together.
 
 Each command lives in its own module `lmstack/cli/<name>.py` exposing `main(argv) -> int | None`;
-modules are imported only when their command runs, so `lmstack --help` stays instant.
+modules are imported only when their command runs, so `lmstack --help` stays instant. Flags are
+kebab-case everywhere (`--max-new-tokens`), built from dataclass fields by `lmstack.cli.flags`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ COMMANDS = {
 def usage() -> str:
     lines = ["usage: lmstack <command> [options]", "", "commands:"]
     lines += [f"  {name:<10} {help}" for name, help in COMMANDS.items()]
-    lines += ["", "`lmstack <command> --help` shows a command's options."]
+    lines += ["", "`lmstack <command> --help` shows a command's options and examples."]
     return "\n".join(lines)
 
 

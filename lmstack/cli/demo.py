@@ -2,8 +2,8 @@
 source), pretrain a small Llama-style model for a fixed time budget, compare its validation
 perplexity with the unigram baseline, and print a few samples.
 
-    lmstack demo                       # ~5 minutes of training on CPU; bigger model and budget on GPU
-    lmstack demo --budget-s 60 --preset tiny-llama
+    lmstack demo                           # ~5 minutes of training on CPU; bigger model and budget on GPU
+    lmstack demo --max-time-s 60 --preset tiny-llama --num-samples 2
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmstack.cli import pretrain as pretrain_cli
+from lmstack.cli import flags
+from lmstack.cli.pretrain import ModelArgs, PretrainArgs, pretrain
 from lmstack.data import TokenStream, load_meta, prepare
 from lmstack.model import generate, load_hf
 from lmstack.model.tokenizer import Tokenizer
+from lmstack.train import CheckpointConfig, EvalConfig, OptimConfig, ScheduleConfig, TrainConfig
 
 # (preset, training seconds, batch size, sequence length): one place for the demo's defaults
 CPU_DEFAULTS = ("llama-10m", 300, 8, 256)
@@ -28,21 +30,23 @@ PROMPTS = ["def ", "import os\n", "class ", "    for i in range("]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="lmstack demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.make_parser("lmstack demo", __doc__)
     p.add_argument("--data", default="data/stdlib", help="where the prepared corpus goes")
     p.add_argument("--out", default=None, help="run directory (default: runs/demo-<time>)")
-    p.add_argument("--preset", default=None, help="model preset (default: llama-10m on CPU, "
-                   "llama-50m on GPU)")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="training time in seconds (default: 300 on CPU, 600 on GPU)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--preset", default=None,
+                   help="model preset (default: llama-10m on CPU, llama-50m on GPU)")
+    p.add_argument("--max-time-s", type=float, default=None,
+                   help="seconds of training (default: 300 on CPU, 600 on GPU)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per batch (default: 8 on CPU, 32 on GPU)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default: 256 on CPU, 512 on GPU)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="size of the trained BPE tokenizer")
     p.add_argument("--max-mb", type=float, default=None,
                    help="use a random subset of the corpus of at most this many MB (default: all)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--samples", type=int, default=len(PROMPTS))
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--num-samples", type=int, default=len(PROMPTS),
+                   help="samples printed at the end, one per built-in prompt")
     return p.parse_args(argv)
 
 
@@ -55,18 +59,17 @@ def main(argv: list[str]) -> int:
     prepare(None, args.data, vocab_size=args.vocab_size, max_mb=args.max_mb)
     baseline = unigram_baseline(args.data)
 
-    print(f"== 2. pretrain {args.preset or preset} for {args.budget_s or budget:.0f} s")
-    flags = ["--data", args.data, "--out", str(out), "--model.preset", args.preset or preset,
-             "--train.max_time_s", str(args.budget_s or budget), "--train.max_steps", "null",
-             "--train.batch_size", str(args.batch_size or batch),
-             "--train.seq_len", str(args.seq_len or seq), "--train.optim.lr", str(args.lr),
-             "--train.schedule.warmup_steps", "30", "--train.eval.every", "100",
-             "--train.eval.batches", "8", "--train.checkpoint.every", "200"]
-    result = pretrain_cli.pretrain(pretrain_cli.parse_args(flags))
+    print(f"== 2. pretrain {args.preset or preset} for {args.max_time_s or budget:.0f} s")
+    train = TrainConfig(max_time_s=args.max_time_s or budget, max_steps=None,
+                        batch_size=args.batch_size or batch, seq_len=args.seq_len or seq,
+                        optim=OptimConfig(lr=args.lr), schedule=ScheduleConfig(warmup_steps=30),
+                        eval=EvalConfig(every=100, batches=8), checkpoint=CheckpointConfig(every=200))
+    result = pretrain(PretrainArgs(data=args.data, out=str(out),
+                                   model=ModelArgs(preset=args.preset or preset), train=train))
 
     print("== 3. results")
     report(result.val_loss, baseline)
-    print_samples(out, args.samples)
+    print_samples(out, args.num_samples)
     return 0
 
 

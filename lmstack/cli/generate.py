@@ -1,25 +1,24 @@
 """`lmstack generate`: run prompts through the batched inference engine (`lmstack.infer.LLM`).
 
-    lmstack generate runs/demo --prompt "Once upon a time" --max_tokens 64 --temperature 0.8
-    lmstack generate path/to/hf-model --prompts_file prompts.txt --temperature 0 --json true
-    lmstack generate runs/demo --prompt "Hello" --stream true --engine.dtype bfloat16
+    lmstack generate runs/demo --prompt "Once upon a time" --max-new-tokens 64 --temperature 0.8
+    lmstack generate path/to/hf-model --prompts-file prompts.txt --temperature 0 --json
+    lmstack generate runs/demo --prompt "Hello" --stream --dtype bfloat16 --compile
 
 MODEL is an HF model directory, an lmstack checkpoint directory, or a run directory (its newest
-checkpoint). The tokenizer is MODEL's tokenizer.json, else the run's tokenizer/, else --tokenizer.
-Sampling flags are SamplingParams' fields; engine flags (--engine.*) are EngineConfig's.
+checkpoint). The tokenizer is --tokenizer, else MODEL's tokenizer.json, else the run's tokenizer/.
+Sampling flags are SamplingParams' fields (--max-new-tokens is max_tokens); engine flags are
+EngineConfig's (--seed is EngineConfig.seed: each prompt samples its own stream from it).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import jsonargparse
-
+from lmstack.cli import flags
 from lmstack.cli.sample import find_checkpoint, find_tokenizer
 from lmstack.infer import LLM, EngineConfig, RequestOutput, SamplingParams
 from lmstack.infer.loading import load_tokenizer
@@ -32,41 +31,55 @@ class GenerateArgs:
     prompts_file: str | None = None
     """A text file with one prompt per line (blank lines skipped)."""
     tokenizer: str | None = None
-    """Tokenizer directory or tokenizer.json (default: found next to the model)."""
+    """Tokenizer directory or tokenizer.json; none: MODEL's, else the run's tokenizer/."""
     stream: bool = False
     """Print text as it is generated (one prompt only)."""
     json: bool = False
     """Print one JSON object per prompt: text, token ids, finish reason and timing."""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+# the one-line help of fields that have no docstring where they are defined
+HELP = {
+    "sampling.max_tokens": "Most tokens to add to each prompt (fewer if a stop comes first).",
+    "sampling.top_p": "Sample among the most likely tokens holding this much probability (1: all).",
+    "sampling.presence_penalty": "Subtracted from the logit of every token already in the output.",
+    "sampling.frequency_penalty": "Subtracted from a token's logit once per time it is already in "
+                                  "the output.",
+    "sampling.stop_token_ids": "Token ids that end generation (besides end-of-text).",
+    "sampling.ignore_eos": "Keep generating past the end-of-text token.",
+    "engine.enable_prefix_caching": "Share the KV-cache blocks of prompts' common prefixes.",
+}
 
 
 def main(argv: list[str]) -> int:
-    parser = _parser()
     try:
-        ns = parser.parse_args(argv)
-        args = GenerateArgs(**{k: ns[k] for k in asdict(GenerateArgs())})
-        params = SamplingParams(**{f.name: ns[f.name] for f in fields(SamplingParams)})
-        llm = LLM(_model_dir(ns["model"]), _tokenizer(ns["model"], args.tokenizer),
-                  **ns["engine"].as_dict())
+        model, args = parse_args(argv)
+        llm = LLM(_model_dir(model), _tokenizer(model, args.tokenizer), **vars(args.engine))
         prompts = _prompts(args)
-    except (jsonargparse.ArgumentError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"lmstack generate: error: {e}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    outs = _stream(llm, prompts[0], params) if args.stream else llm.generate(prompts, params)
+    if args.stream:
+        outs = _stream(llm, prompts[0], args.sampling)
+    else:
+        outs = llm.generate(prompts, args.sampling)
     _report(outs, args.json, time.perf_counter() - start, printed=args.stream)
     return 0
 
 
-def _parser() -> jsonargparse.ArgumentParser:
-    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = jsonargparse.ArgumentParser(prog="lmstack generate", description=__doc__,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                                         exit_on_error=False)
-    parser.add_argument("model", type=str, help="HF model, checkpoint or run directory")
-    parser.add_class_arguments(GenerateArgs, nested_key=None)
-    parser.add_class_arguments(SamplingParams, nested_key=None)
-    parser.add_class_arguments(EngineConfig, nested_key="engine")
-    return parser
+def parse_args(argv: list[str]) -> tuple[str, GenerateArgs]:
+    """(MODEL, the options). Sampling and engine flags are not prefixed: --temperature, --device."""
+    usage = "%(prog)s MODEL (--prompt PROMPT | --prompts-file PROMPTS-FILE) [options]"
+    parser = flags.make_parser("lmstack generate", __doc__, usage)
+    parser.add_argument("model", metavar="MODEL", help="HF model, checkpoint or run directory")
+    flags.add_fields(parser, GenerateArgs, flat=True, helps=HELP,
+                     rename={"sampling.max_tokens": "max-new-tokens"},
+                     skip={"sampling.seed", "engine.compile_cache"})  # --seed is engine.seed
+    ns = parser.parse_args(argv)
+    return ns.model, flags.build(GenerateArgs, ns)
 
 
 def _model_dir(path: str) -> Path:
@@ -85,15 +98,15 @@ def _tokenizer(model: str, explicit: str | None):
 
 def _prompts(args: GenerateArgs) -> list[str]:
     if (args.prompt is None) == (args.prompts_file is None):
-        raise ValueError("give exactly one of --prompt TEXT or --prompts_file FILE")
+        raise ValueError("give exactly one of --prompt TEXT or --prompts-file FILE")
     if args.prompt is not None:
         return [args.prompt]
     path = Path(args.prompts_file)
     if not path.is_file():
-        raise FileNotFoundError(f"--prompts_file {path}: no such file")
+        raise FileNotFoundError(f"--prompts-file {path}: no such file")
     prompts = [line for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"--prompts_file {path} holds no prompts")
+        raise ValueError(f"--prompts-file {path} holds no prompts")
     if args.stream and len(prompts) > 1:
         raise ValueError("--stream prints one prompt's text; give a single prompt")
     return prompts

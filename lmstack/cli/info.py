@@ -1,18 +1,23 @@
-"""`lmstack info`: what a model config amounts to (parameters, FLOPs, KV cache bytes)."""
+"""`lmstack info`: what a model config amounts to (parameters, FLOPs, KV cache bytes).
+
+    lmstack info llama-10m
+    lmstack info runs/demo/checkpoints/step_00001000/config.json --seq-len 1024
+"""
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
+from lmstack.cli import flags
 from lmstack.model import PRESETS, ModelConfig, Transformer
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="lmstack info", description=__doc__)
-    p.add_argument("config", help=f"a preset ({', '.join(PRESETS)}) or a config.json path")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs")
+    p = flags.make_parser("lmstack info", __doc__)
+    p.add_argument("config", metavar="CONFIG",
+                   help=f"a preset ({', '.join(PRESETS)}) or a ModelConfig JSON file")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length for FLOPs (default: the model's max_seq_len)")
     args = p.parse_args(argv)
     cfg = ModelConfig.from_preset(args.config) if args.config in PRESETS else ModelConfig.load(args.config)
     with torch.device("meta"):

@@ -4,38 +4,40 @@ Sources are files or folders (searched with --glob): plain UTF-8 text (one docum
 .jsonl (one document per line, from --text-field) or .parquet (that column). With no sources it
 uses the built-in corpus: the running Python's standard library sources (about 30 MB, offline).
 Re-running on unchanged input reuses the shards.
+
+    lmstack prepare --out data/stdlib --vocab-size 8192
+    lmstack prepare docs/ notes.jsonl table.parquet --out data/mine --text-field body --max-mb 100
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 
+from lmstack.cli import flags
 from lmstack.data import prepare
 
 
 def main(argv: list[str]) -> int:
     defaults = {k: p.default for k, p in inspect.signature(prepare).parameters.items()}
-    p = argparse.ArgumentParser(prog="lmstack prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.make_parser("lmstack prepare", __doc__)
     p.add_argument("sources", nargs="*", help="files or folders (default: the built-in corpus)")
     p.add_argument("--out", required=True, help="output dir for tokenizer/, *.bin shards and meta.json")
     p.add_argument("--vocab-size", type=int, default=defaults["vocab_size"],
-                   help="size of the BPE tokenizer trained on the corpus; ignored with --tokenizer (%(default)s)")
+                   help="size of the BPE tokenizer trained on the corpus; ignored with --tokenizer")
     p.add_argument("--tokenizer", default=None, help="use this tokenizer dir instead of training one")
     p.add_argument("--val-fraction", type=float, default=defaults["val_fraction"],
-                   help="share of documents held out for validation; 0 = none (%(default)s)")
+                   help="share of documents held out for validation; 0 = none")
     p.add_argument("--workers", type=int, default=defaults["num_workers"],
-                   help="batches tokenized at once, each over tokenizers' threads (%(default)s)")
-    p.add_argument("--glob", default=defaults["glob"], help="files to take from folders (%(default)s)")
+                   help="batches tokenized at once, each over tokenizers' threads")
+    p.add_argument("--glob", default=defaults["glob"], help="files to take from folders")
     p.add_argument("--text-field", default=defaults["text_field"],
-                   help=".jsonl key / .parquet column holding the text (%(default)s)")
+                   help=".jsonl key / .parquet column holding the text")
     p.add_argument("--max-mb", type=float, default=defaults["max_mb"],
-                   help="use a seeded random subset of the files of at most this many MB")
+                   help="use a seeded random subset of the files of at most this many MB (default: all)")
     p.add_argument("--shard-tokens", type=int, default=defaults["shard_tokens"],
-                   help="tokens per shard file (%(default)s)")
+                   help="tokens per shard file")
     p.add_argument("--seed", type=int, default=defaults["seed"],
-                   help="picks the val documents and the --max-mb subset (%(default)s)")
+                   help="picks the val documents and the --max-mb subset")
     args = p.parse_args(argv)
     try:
         meta = prepare(args.sources, args.out, vocab_size=args.vocab_size, tokenizer_dir=args.tokenizer,

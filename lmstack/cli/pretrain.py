@@ -1,11 +1,12 @@
 """`lmstack pretrain`: train a model from scratch on token shards written by `lmstack prepare`.
 
-    lmstack pretrain --data data/stdlib --model.preset llama-10m --train.max_time_s 300 --out runs/demo
-    lmstack pretrain --config run.toml --train.optim.lr 1e-3 --resume
+    lmstack pretrain --data data/stdlib --model.preset llama-10m --train.max-time-s 300 --out runs/demo
+    lmstack pretrain --config run.toml --train.optim.lr 1e-3 --train.batch-size 32 --resume
 
 Settings come from three places, each overriding the one before: the dataclass defaults
 (lmstack.train.TrainConfig and ModelArgs below), a --config file (TOML or YAML, nested like the
-flags: a [train.optim] table holds lr), then --section.key=value flags.
+flags and keyed by field name as in run_config.json: a [train.optim] table holds weight_decay),
+then flags (--train.optim.weight-decay 0.05).
 
 OUT receives checkpoints/, metrics.jsonl, tensorboard/, loss_curve.png, tokenizer/, run_config.json
 and, at the end, hf/ (a Hugging Face model directory with the tokenizer).
@@ -13,7 +14,6 @@ and, at the end, hf/ (a Hugging Face model directory with the tokenizer).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -21,9 +21,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jsonargparse
 import yaml
 
+from lmstack.cli import flags
 from lmstack.data import TokenStream, load_meta
 from lmstack.model import PRESETS, ModelConfig, Transformer
 from lmstack.model.hf import save_hf
@@ -56,9 +56,17 @@ class PretrainArgs:
     out: str = "runs/pretrain"
     """Run directory for checkpoints, metrics, plots and the final HF export."""
     resume: bool = False
-    """--resume / --no_resume (defined on the parser, so that a bare --resume works)."""
+    """Continue from the newest valid checkpoint in OUT/checkpoints (start fresh if there is none)."""
     model: ModelArgs = field(default_factory=ModelArgs)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# the one-line help of fields that have no docstring where they are defined
+HELP = {
+    "train.optim.beta1": "AdamW's decay rate for the running mean of gradients.",
+    "train.optim.beta2": "AdamW's decay rate for the running mean of squared gradients.",
+    "train.optim.eps": "Added to AdamW's denominator, against division by zero.",
+}
 
 
 def main(argv: list[str]) -> int:
@@ -73,30 +81,16 @@ def main(argv: list[str]) -> int:
 
 # ----------------------------------------------------------------------------- settings
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, jsonargparse.DefaultHelpFormatter):
-    """Keeps the module docstring's line breaks in --help."""
-
-
 def parse_args(argv: list[str]) -> PretrainArgs:
     """Defaults < --config file < flags, whatever order they are given in."""
-    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = jsonargparse.ArgumentParser(prog="lmstack pretrain", description=__doc__,
-                                         formatter_class=_HelpFormatter, exit_on_error=False)
-    parser.add_argument("--config", type=str, default=None,
-                        help="a .toml / .yaml file of settings; flags override it")
-    parser.add_argument("--resume", action=jsonargparse.ActionYesNo, default=False,
-                        help="continue from the newest valid checkpoint in OUT/checkpoints "
-                             "(start fresh if there is none)")
-    parser.add_class_arguments(PretrainArgs, nested_key=None, skip={"resume"})
     config_path, argv = _pop_config(argv)
-    if config_path is not None:
-        _apply_config_file(parser, config_path)
-    try:
-        ns = parser.parse_args(argv)
-    except jsonargparse.ArgumentError as e:
-        raise ValueError(str(e)) from None
-    ns = parser.instantiate(ns)
-    return PretrainArgs(**{f.name: ns[f.name] for f in dataclasses.fields(PretrainArgs)})
+    defaults = _config_defaults(config_path) if config_path is not None else {}
+    parser = flags.make_parser("lmstack pretrain", __doc__,
+                               usage="%(prog)s --data DATA [--config FILE] [options]")
+    parser.add_argument("--config", metavar="FILE",
+                        help="a .toml / .yaml file of settings; flags override it")
+    flags.add_fields(parser, PretrainArgs, helps=HELP, defaults=defaults)
+    return flags.build(PretrainArgs, parser.parse_args(argv))
 
 
 def _pop_config(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -125,25 +119,25 @@ def load_config_file(path: str | Path) -> dict:
     raise ValueError(f"--config {path}: use a .toml, .yaml or .yml file")
 
 
-def _apply_config_file(parser: jsonargparse.ArgumentParser, path: str) -> None:
-    """The file's values become the parser's defaults, so any flag still wins."""
-    defaults = parser.get_defaults()
-    for key, value in _flatten(load_config_file(path), defaults).items():
-        try:
-            parser.set_defaults({key: value})
-        except KeyError:
+def _config_defaults(path: str) -> dict:
+    """The file's settings by dest ("train.optim.lr"): they become the flags' defaults."""
+    known = set(flags.dests(PretrainArgs))
+    settings = _flatten(load_config_file(path), known)
+    for key in settings:
+        if key not in known:
             raise ValueError(f"--config {path}: unknown setting {key!r}; "
-                             "`lmstack pretrain --help` lists them") from None
+                             "`lmstack pretrain --help` lists them")
+    return settings
 
 
-def _flatten(d: dict, defaults, prefix: str = "") -> dict:
+def _flatten(d: dict, known: set[str], prefix: str = "") -> dict:
     """{"train": {"optim": {"lr": 1}}} -> {"train.optim.lr": 1}; dict-valued settings (such as
     model.overrides) stay whole."""
     out = {}
     for key, value in d.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(defaults.get(name), jsonargparse.Namespace):
-            out.update(_flatten(value, defaults, f"{name}."))
+        if isinstance(value, dict) and name not in known:
+            out.update(_flatten(value, known, f"{name}."))
         else:
             out[name] = value
     return out

@@ -1,6 +1,7 @@
 """`lmstack sample`: continue a prompt with a trained checkpoint.
 
-    lmstack sample runs/demo --prompt "def fib(n):" --max_new_tokens 200 --temperature 0.8
+    lmstack sample runs/demo --prompt "def fib(n):" --max-new-tokens 200 --temperature 0.8
+    lmstack sample runs/demo/checkpoints/step_00001000 --num-samples 4 --top-p 0.9 --seed 1
 
 CHECKPOINT is a checkpoint directory, or a run directory (its newest valid checkpoint is used).
 The tokenizer is the run's tokenizer/ unless --tokenizer names another.
@@ -8,13 +9,11 @@ The tokenizer is the run's tokenizer/ unless --tokenizer names another.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import jsonargparse
-
+from lmstack.cli import flags
 from lmstack.model import generate
 from lmstack.model.tokenizer import Tokenizer
 from lmstack.train import latest_checkpoint, load_model, resolve_device
@@ -29,6 +28,7 @@ class SampleArgs:
     num_samples: int = 1
     """Independent continuations of the prompt, sampled as one batch."""
     max_new_tokens: int = 200
+    """Most tokens to add to the prompt (fewer if an end-of-text token comes first)."""
     temperature: float = 0.8
     """0 is greedy decoding."""
     top_k: int = 50
@@ -36,22 +36,17 @@ class SampleArgs:
     top_p: float = 1.0
     """Sample among the most likely tokens holding this much probability (1: all)."""
     seed: int = 0
+    """Seeds the sampling: the same seed gives the same samples."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
     tokenizer: str | None = None
-    """Tokenizer directory (default: the run's tokenizer/)."""
+    """Tokenizer directory; none: the run's tokenizer/."""
 
 
 def main(argv: list[str]) -> int:
-    parser = jsonargparse.ArgumentParser(prog="lmstack sample", description=__doc__,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                                         exit_on_error=False)
-    parser.add_argument("checkpoint", type=str, help="a checkpoint or run directory")
-    parser.add_class_arguments(SampleArgs, nested_key=None)
     try:
-        ns = parser.parse_args(argv)
-        texts = sample(ns.checkpoint, SampleArgs(**{k: v for k, v in ns.items() if k != "checkpoint"}))
-    except (jsonargparse.ArgumentError, ValueError, FileNotFoundError) as e:
+        texts = sample(*parse_args(argv))
+    except (ValueError, FileNotFoundError) as e:
         print(f"lmstack sample: error: {e}", file=sys.stderr)
         return 2
     for i, text in enumerate(texts):
@@ -61,10 +56,19 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def parse_args(argv: list[str]) -> tuple[str, SampleArgs]:
+    """(CHECKPOINT, the options)."""
+    parser = flags.make_parser("lmstack sample", __doc__, usage="%(prog)s CHECKPOINT [options]")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint or run directory")
+    flags.add_fields(parser, SampleArgs)
+    ns = parser.parse_args(argv)
+    return ns.checkpoint, flags.build(SampleArgs, ns)
+
+
 def sample(checkpoint: str | Path, args: SampleArgs) -> list[str]:
     """Prompt + continuation texts, one per sample."""
     if args.num_samples < 1:
-        raise ValueError(f"--num_samples={args.num_samples} must be >= 1")
+        raise ValueError(f"--num-samples={args.num_samples} must be >= 1")
     ckpt = find_checkpoint(checkpoint)
     tokenizer = Tokenizer.load(args.tokenizer or find_tokenizer(ckpt))
     model = load_model(ckpt, resolve_device(args.device))

@@ -1,12 +1,22 @@
-"""Training throughput of lmstack against transformers' LlamaForCausalLM, measured in one run.
+"""Training throughput of lmstack against a peer model, measured in one run. Two peers:
 
-Both models have the same config and the same weights (lmstack saves an HF directory, transformers
-loads it) and see the same batch. Each computes its own loss: lmstack's `cross_entropy_sum`, and
-transformers' own causal-LM loss (`labels=`, summed with `num_items_in_batch=1`); with --compile,
-each model's layers and its loss are compiled (lmstack's loop uses `compiled_cross_entropy_sum`
-then). Everything else
-is lmstack's training step, shared: loss sum / valid-token count, backward, global-norm clipping,
-AdamW (`accumulate_gradients`, `Precision.step`, `make_optimizer` from `lmstack.train`).
+- `--against transformers` (default): transformers' LlamaForCausalLM at a Llama preset. lmstack
+  saves an HF directory and transformers loads it; the peer's loss is transformers' own causal-LM
+  loss (`labels=`, summed with `num_items_in_batch=1`).
+- `--against nanogpt`: a nanoGPT-style GPT written below (one `c_attn` Linear(C, 3C),
+  `F.scaled_dot_product_attention(is_causal=True)`, GELU MLP, tied head) at a GPT-2-family
+  shape, 6 layers x 6 heads x 384 wide, vocabulary 8192 (`gpt2-384x6`). Its weights are copied
+  from lmstack's (q/k/v stacked into c_attn), and its loss is lmstack's summed cross-entropy over
+  its logits. lmstack runs with `swap_linears(model, FUSED)`, so its q/k/v are one product too;
+  --no-fuse takes the swap off, to measure the seam in the same script. Its attention is
+  F.scaled_dot_product_attention as nanoGPT calls it (bf16 under bf16 autocast), where lmstack's
+  `sdpa` trains in fp32 on CPU.
+
+Both models have the same config and weights and see the same batch; with --compile, each block
+of both models and the loss are compiled (`apply_compile`, `compiled_cross_entropy_sum`; for
+transformers, each layer and its loss function). Everything else is lmstack's training step,
+shared: loss sum / valid-token count, backward, global-norm clipping, AdamW
+(`accumulate_gradients`, `Precision.step`, `make_optimizer` from `lmstack.train`).
 
 MFU = tokens/s * flops_per_token / peak. The peak is measured here: square n x n x n matmuls in
 the same dtype, every operand layout, the fastest call seen anywhere in the run (it is measured
@@ -14,6 +24,8 @@ again between rounds, so a busy moment at the start does not lower it).
 
     .venv/bin/python benchmarks/train_throughput.py                  # fp32 + bf16, ~2 minutes
     .venv/bin/python benchmarks/train_throughput.py --dtype fp32 --compile --profile
+    .venv/bin/python benchmarks/train_throughput.py --against nanogpt --dtype bf16 --batch 8 --seq-len 256
+    .venv/bin/python benchmarks/train_throughput.py --against nanogpt --dtype fp32 --no-fuse
 
 Timings on shared cores are noisy: the two models take turns for --seconds, and the table shows
 median steps, their ratio, and the ratio of each model's fastest step. With other processes on
@@ -27,16 +39,20 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from lmstack.kernels import FUSED, swap_linears
 from lmstack.model import ModelConfig, Transformer
+from lmstack.model.config import PRESETS
+from lmstack.model.cpu import NATIVE_CPU_BF16
 from lmstack.model.hf import save_hf
-from lmstack.model.transformer import NATIVE_CPU_BF16
 from lmstack.train import (
     OptimConfig,
     accumulate_gradients,
@@ -51,10 +67,21 @@ from lmstack.train.precision import Precision
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Batch = tuple[torch.Tensor, torch.Tensor]
 
+SHAPES = {"gpt2-384x6": dict(PRESETS["gpt2-124m"], vocab_size=8192, dim=384, n_layers=6,
+                             n_heads=6, hidden_dim=4 * 384)}
+"""This benchmark's own shapes, next to lmstack's presets: nanoGPT's 6 x 6 heads x 384 (its
+Shakespeare model) in GPT-2 small's family, with an 8192-token vocabulary."""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="llama-10m", help="model shape (a Llama preset)")
+    p.add_argument("--against", default="transformers", choices=("transformers", "nanogpt"),
+                   help="the peer: transformers' LlamaForCausalLM, or this file's nanoGPT-style GPT")
+    p.add_argument("--preset", help="model shape: a Llama preset against transformers (default "
+                                    "llama-10m), a GPT-2 one against nanogpt (default gpt2-384x6)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction,
+                   help="lmstack with swap_linears(model, FUSED): q/k/v (and gate/up) as one "
+                        "product (default: on against nanogpt, off against transformers)")
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=1, help="timed steps per model per turn")
@@ -71,7 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "process); --no-keep-freed-memory shows glibc's default")
     p.add_argument("--profile", action="store_true", help="print the top ops of each eager step")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # the defaults that depend on the peer (the only place they are set)
+    if args.preset is None:
+        args.preset = "gpt2-384x6" if args.against == "nanogpt" else "llama-10m"
+    if args.fuse is None:
+        args.fuse = args.against == "nanogpt"
+    return args
 
 
 # ----------------------------------------------------------------------------- matmul peak
@@ -112,17 +145,94 @@ class Peak:
         return max(self.by_layout.values())
 
 
+# ----------------------------------------------------------------------------- nanoGPT-style peer
+# Shapes: B batch, T tokens, C width, H heads, D = C / H, V vocabulary.
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_heads
+        self.c_attn = nn.Linear(cfg.dim, 3 * cfg.dim)  # q, k, v side by side
+        self.c_proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+                   for t in self.c_attn(x).split(C, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(cfg.dim, cfg.hidden_dim),
+                                             gelu=nn.GELU(approximate=cfg.gelu_approximate),
+                                             c_proj=nn.Linear(cfg.hidden_dim, cfg.dim)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """tokens (B, T) -> logits (B, T, V). The blocks are `layers`, where apply_compile finds them."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.dim)
+        self.layers = nn.ModuleList(GPTBlock(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
+        for block in self.layers:
+            x = block(x)
+        return F.linear(self.ln_f(x), self.wte.weight)  # head tied to the token embedding
+
+
+GPT2_FAMILY = dict(norm="layernorm", norm_bias=True, mlp="gelu", pos="learned", qkv_bias=True,
+                   out_bias=True, mlp_bias=True, tie_embeddings=True, sliding_window=None)
+RENAMES = {"input_layernorm": "ln_1", "self_attn.o_proj": "attn.c_proj",
+           "post_attention_layernorm": "ln_2", "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
+"""lmstack's block modules -> the GPT's (c_attn is made from q/k/v; every one has a bias)."""
+
+
+def gpt_weights(sd: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """lmstack's GPT-2-family state dict under the GPT's names, q/k/v stacked into c_attn."""
+    out = {"wte.weight": sd["embed_tokens.weight"], "wpe.weight": sd["pos_embed.weight"],
+           "ln_f.weight": sd["norm.weight"], "ln_f.bias": sd["norm.bias"]}
+    for i in range(n_layers):
+        block = f"layers.{i}."
+        for p in ("weight", "bias"):
+            out[f"{block}attn.c_attn.{p}"] = torch.cat([sd[f"{block}self_attn.{n}_proj.{p}"] for n in "qkv"])
+            out |= {f"{block}{theirs}.{p}": sd[f"{block}{ours}.{p}"] for ours, theirs in RENAMES.items()}
+    return out
+
+
+def gpt_copy(ours: Transformer, preset: str) -> GPT:
+    c = ours.config
+    if any(getattr(c, k) != v for k, v in GPT2_FAMILY.items()) or c.n_kv_heads != c.n_heads:
+        raise ValueError(f"--preset {preset}: the nanoGPT peer is GPT-2's family ({GPT2_FAMILY}, "
+                         "n_kv_heads = n_heads); use gpt2-384x6, tiny-gpt2 or gpt2-124m")
+    gpt = GPT(c)
+    gpt.load_state_dict(gpt_weights(ours.state_dict(), c.n_layers))
+    return gpt
+
+
 # ----------------------------------------------------------------------------- the two models
 
-def build_models(preset: str, folder: Path) -> tuple[Transformer, nn.Module]:
+def hf_copy(ours: Transformer, folder: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    ours = Transformer.build(ModelConfig.from_preset(preset), seed=0)
     save_hf(ours, folder, dtype=torch.float32)
-    hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32)
-    return ours, hf
+    return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32)
 
 
 def hf_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -132,15 +242,11 @@ def hf_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -
                  use_cache=False).loss
 
 
-def compile_blocks(model: nn.Module) -> None:
-    """lmstack's own compile path (each block; the loop then compiles its loss too); the same
-    for transformers: each layer, and its loss function."""
-    if isinstance(model, Transformer):
-        apply_compile(model)
-    else:
-        for layer in model.model.layers:
-            layer.compile()
-        model.loss_function = torch.compile(model.loss_function)
+def compile_hf(model: nn.Module) -> None:
+    """As apply_compile does for lmstack: each layer; and its loss function, as the loop's."""
+    for layer in model.model.layers:
+        layer.compile()
+    model.loss_function = torch.compile(model.loss_function)
 
 
 @dataclass
@@ -171,15 +277,35 @@ class Trainee:
             self.times.append(time.perf_counter() - start)
 
 
-def trainee_pair(preset: str, dtype: str, compiled: bool, folder: Path) -> list[Trainee]:
-    ours, hf = build_models(preset, folder)
+def peer_trainee(args: argparse.Namespace, ours: Transformer, compiled: bool, precision: Precision,
+                 folder: Path) -> Trainee:
+    """The peer, with lmstack's weights (copied before any swap or compile of lmstack's model)."""
+    if args.against == "nanogpt":
+        gpt = gpt_copy(ours, args.preset)
+        if compiled:
+            apply_compile(gpt)
+        return Trainee("nanoGPT", gpt, compiled_cross_entropy_sum if compiled else cross_entropy_sum,
+                       precision)
+    hf = hf_copy(ours, folder)
     if compiled:
-        compile_blocks(ours)
-        compile_blocks(hf)
+        compile_hf(hf)
+    return Trainee("transformers", hf, hf_loss_sum, precision)
+
+
+def model_config(preset: str) -> ModelConfig:
+    return ModelConfig(**SHAPES[preset]) if preset in SHAPES else ModelConfig.from_preset(preset)
+
+
+def trainee_pair(args: argparse.Namespace, dtype: str, compiled: bool, folder: Path) -> list[Trainee]:
     cpu = torch.device("cpu")
+    ours = Transformer.build(model_config(args.preset), seed=0)
+    peer = peer_trainee(args, ours, compiled, Precision(dtype, cpu), folder)
+    if args.fuse:
+        swap_linears(ours, FUSED)
+    if compiled:
+        apply_compile(ours)
     loss = compiled_cross_entropy_sum if compiled else cross_entropy_sum  # as the loop picks
-    return [Trainee("lmstack", ours, loss, Precision(dtype, cpu)),
-            Trainee("transformers", hf, hf_loss_sum, Precision(dtype, cpu))]
+    return [Trainee("lmstack", ours, loss, Precision(dtype, cpu)), peer]
 
 
 def random_batch(vocab: int, batch: int, seq_len: int) -> Batch:
@@ -194,7 +320,7 @@ def race(pair: list[Trainee], batch: Batch, args: argparse.Namespace, peak: Peak
     a burst of load from another process then hits both models, not one."""
     ours, theirs = (t.step(batch) for t in pair)
     if abs(ours - theirs) > 1e-2 * abs(theirs):
-        raise RuntimeError(f"initial losses differ: lmstack {ours:.5f}, transformers {theirs:.5f}; "
+        raise RuntimeError(f"initial losses differ: lmstack {ours:.5f}, {pair[1].name} {theirs:.5f}; "
                            "the two models are not the same computation")
     start, r = time.perf_counter(), 0
     while r < args.rounds or time.perf_counter() - start < args.seconds:
@@ -216,17 +342,17 @@ def profile_step(trainee: Trainee, batch: Batch, rows: int = 20) -> None:
 # ----------------------------------------------------------------------------- main
 
 def measure(args: argparse.Namespace, dtype: str, compiled: bool, peak: Peak, folder: Path) -> dict:
-    pair = trainee_pair(args.preset, dtype, compiled, folder / f"{dtype}-{compiled}")
+    pair = trainee_pair(args, dtype, compiled, folder / f"{dtype}-{compiled}")
     batch = random_batch(pair[0].model.config.vocab_size, args.batch, args.seq_len)
     race(pair, batch, args, peak)
     if args.profile and not compiled:
         for trainee in pair:
             profile_step(trainee, batch)
     tokens = args.batch * args.seq_len
-    ours, hf = (tokens / statistics.median(t.times) for t in pair)
+    ours, peer = (tokens / statistics.median(t.times) for t in pair)
     best_ratio = min(pair[1].times) / min(pair[0].times)
     return dict(preset=args.preset, dtype=dtype, mode="compiled" if compiled else "eager",
-                ours=ours, hf=hf, best_ratio=best_ratio, steps=len(pair[0].times),
+                peer_name=pair[1].name, ours=ours, peer=peer, best_ratio=best_ratio, steps=len(pair[0].times),
                 flops=pair[0].model.flops_per_token(args.seq_len))
 
 
@@ -239,14 +365,27 @@ def print_peaks(peaks: dict[str, Peak]) -> None:
 def print_table(rows: list[dict], peaks: dict[str, Peak]) -> None:
     """tokens/s and MFU from median steps; 'best' compares the fastest step of each instead,
     the least disturbed by other processes."""
-    print("\n| model | precision | mode | steps | tokens/s lmstack | tokens/s HF | ratio | ratio best "
-          "| MFU lmstack | MFU HF |")
+    peer = rows[0]["peer_name"]
+    print(f"\n| model | precision | mode | steps | tokens/s lmstack | tokens/s {peer} | ratio "
+          f"| ratio best | MFU lmstack | MFU {peer} |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        mfu = [tps * r["flops"] / peaks[r["dtype"]].flops for tps in (r["ours"], r["hf"])]
+        mfu = [tps * r["flops"] / peaks[r["dtype"]].flops for tps in (r["ours"], r["peer"])]
         print(f"| {r['preset']} | {r['dtype']} | {r['mode']} | {r['steps']} | {r['ours']:,.0f} "
-              f"| {r['hf']:,.0f} | {r['ours'] / r['hf']:.2f}x | {r['best_ratio']:.2f}x "
+              f"| {r['peer']:,.0f} | {r['ours'] / r['peer']:.2f}x | {r['best_ratio']:.2f}x "
               f"| {100 * mfu[0]:.1f}% | {100 * mfu[1]:.1f}% |")
+
+
+def print_header(args: argparse.Namespace) -> None:
+    peer = "nanoGPT-style GPT (this file)" if args.against == "nanogpt" else "transformers' LlamaForCausalLM"
+    fused = ("swap_linears(model, FUSED): q/k/v (and gate/up) as one product" if args.fuse
+             else "q/k/v one by one (no FUSED swap)")
+    print(f"{args.preset}, batch {args.batch} x seq_len {args.seq_len}, {args.threads} threads, "
+          "AdamW + clipping; steps = timed steps of each model")
+    print(f"lmstack Transformer with {fused}; against {peer}")
+    if "bf16" in args.dtype and not NATIVE_CPU_BF16:
+        print("bf16: no native bf16 matmul on this CPU; both models' linears run through "
+              "lmstack's CpuBf16Linear (lmstack/train/precision.py)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,11 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     peaks = {d: Peak(DTYPES[d], args.peak_n) for d in args.dtype}
     for peak in peaks.values():
         peak.measure()
-    print(f"{args.preset}, batch {args.batch} x seq_len {args.seq_len}, {args.threads} threads, "
-          "AdamW + clipping; steps = timed steps of each model")
-    if "bf16" in args.dtype and not NATIVE_CPU_BF16:
-        print("bf16: no native bf16 matmul on this CPU; both models' linears run through "
-              "lmstack's CpuBf16Linear (lmstack/train/precision.py)")
+    print_header(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtype:

@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from lmstack.infer import LLM, SamplingParams
+from lmstack.infer import compiled as compiled_module
+from lmstack.infer.compiled import SHARED, CompileCache, Variant, decode_variant
 from lmstack.infer.sampling import BatchSampling, apply_penalties, min_p_mask, sample
+from lmstack.kernels import CPU_PACKED, swap_linears
+from lmstack.kernels.packed import COPIES, PackedLinear
 from lmstack.model import ModelConfig, Transformer, generate
 from lmstack.model.generate import top_k_mask, top_p_mask
 
@@ -76,10 +80,11 @@ def test_greedy_matches_one_at_a_time_generate(model, reference, options):
 def test_packed_and_unpacked_engines_give_the_reference_tokens(reference, model, pack):
     """LLM(pack_weights=...) packs a CPU model's linears (or leaves them alone); both kernels
     give the reference decoder's greedy tokens."""
-    fresh = Transformer.build(model.config, seed=0).eval()  # the same weights, never packed
+    fresh = Transformer.build(model.config, seed=0).eval()  # the same weights, no kernels
     llm = LLM(fresh, pack_weights=pack)
-    packed = [c is not None for c in fresh.packed_copies().values()]
-    assert packed and all(packed) == pack and any(packed) == pack
+    linears = [type(m) for m in fresh.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(t is PackedLinear for t in linears) == pack
+    assert any(t is PackedLinear for t in linears) == pack
     assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == reference
 
 
@@ -87,26 +92,28 @@ def test_compiled_decode_gives_the_reference_tokens_until_the_weights_change(mod
                                                                            monkeypatch):
     """LLM(compile=True) runs decode steps through inductor (weights frozen in) and gives the
     reference tokens; once a weight changes in place, decode runs eagerly with the new weights."""
-    from lmstack.infer import compiled as compiled_module
     from lmstack.infer.compiled import CompiledDecode
 
     # fp32 steps of at most 4 rows frozen (8 by default), so the 8 prompts' steps take both kinds
-    monkeypatch.setattr(compiled_module, "FROZEN_ROWS_PER_WEIGHT_BYTE", 1)
     fresh = Transformer.build(model.config, seed=0).eval()
     # no prefix caching: cached blocks would keep keys/values of the old weights
-    llm = LLM(fresh, compile=True, enable_prefix_caching=False)
-    calls = []
-    compiled = llm.runner.decode_model.compiled
-    llm.runner.decode_model.compiled = lambda *a, **k: calls.append(1) or compiled(*a, **k)
+    llm = LLM(fresh, compile=True, enable_prefix_caching=False, compile_probe_steps=0,
+              compile_frozen_rows=4)
+    calls, decode = [], llm.runner.decode
+    for name in ("frozen", "graph"):
+        step = getattr(decode, name)
+        setattr(decode, name, lambda *a, s=step, **k: calls.append(1) or s(*a, **k))
     with torch.profiler.profile() as prof:
         assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == reference
     # steps of several lanes ran oneDNN's packed linears inside the graph (eager never calls the op)
     assert any(e.name == "lmstack::packed_linear" for e in prof.events())
-    assert isinstance(llm.runner.decode_model, CompiledDecode)
-    assert len(calls) >= MAX_TOKENS - 1 and llm.runner.decode_model.eager_reason is None
-    # another engine over the same, unchanged model reuses the compiled steps
-    assert LLM(fresh, compile=True).runner.decode_model is llm.runner.decode_model
-    assert copy.deepcopy(fresh).compiled_decode is None  # a copy has weights of its own
+    assert isinstance(llm.runner.decode, CompiledDecode)
+    assert len(calls) >= MAX_TOKENS - 1 and llm.runner.decode.eager_reason is None
+    # another engine over the same, unchanged model reuses the compiled steps; a copy has
+    # weights of its own, and compiled steps of its own
+    assert LLM(fresh, compile=True, compile_probe_steps=0,
+               compile_frozen_rows=4).runner.decode is llm.runner.decode
+    assert LLM(copy.deepcopy(fresh), compile=True).runner.decode is not llm.runner.decode
     with torch.no_grad():
         fresh.layers[0].mlp.down_proj.weight.mul_(-3.0)
     changed = [generate(fresh, [p], MAX_TOKENS)[0] for p in mixed_prompts()]
@@ -117,10 +124,11 @@ def test_compiled_decode_gives_the_reference_tokens_until_the_weights_change(mod
     assert [o.token_ids for o in outs] == changed and len(calls) == n
     assert_all_free(llm)
     # a new engine compiles the new weights (not the first engine's frozen copies)
-    again = LLM(fresh, compile=True, enable_prefix_caching=False)
+    again = LLM(fresh, compile=True, enable_prefix_caching=False, compile_probe_steps=0,
+                compile_frozen_rows=4)
     assert [o.token_ids for o in again.generate(mixed_prompts(), GREEDY)] == changed
-    assert again.runner.decode_model.eager_reason is None
-    assert again.runner.decode_model is not llm.runner.decode_model
+    assert again.runner.decode.eager_reason is None
+    assert again.runner.decode is not llm.runner.decode
 
 
 def test_compiled_decode_with_chunked_prefill_and_preemption(monkeypatch):
@@ -128,15 +136,15 @@ def test_compiled_decode_with_chunked_prefill_and_preemption(monkeypatch):
     (Without inductor's GEMM autotuning, which the test above covers: these shapes recompile.)"""
     from lmstack.infer import compiled
 
-    monkeypatch.setattr(compiled, "CPU_OPTIONS", compiled.OPTIONS)
+    monkeypatch.setattr(compiled, "CPU_FROZEN", compiled.FROZEN)
     model = build("tiny-llama")
     reference = [generate(model, [p], MAX_TOKENS)[0] for p in mixed_prompts()]
     llm = LLM(model, compile=True, num_blocks=20, block_size=4, max_num_batched_tokens=8,
-              max_prefill_chunk=3)
-    calls, step = [], llm.runner.decode_model.compiled
-    llm.runner.decode_model.compiled = lambda *a: calls.append(1) or step(*a)
+              max_prefill_chunk=3, compile_probe_steps=0)
+    calls, step = [], llm.runner.decode.frozen
+    llm.runner.decode.frozen = lambda *a: calls.append(1) or step(*a)
     assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == reference
-    assert llm.stats()["num_preemptions"] > 0 and llm.runner.decode_model.eager_reason is None
+    assert llm.stats()["num_preemptions"] > 0 and llm.runner.decode.eager_reason is None
     assert len(calls) >= MAX_TOKENS - 1
     assert_all_free(llm)
 
@@ -147,17 +155,17 @@ def test_compiled_decode_builds_one_graph_for_every_batch_of_several_lanes(monke
     single lane; the tokens are the reference ones."""
     from lmstack.infer import compiled
 
-    monkeypatch.setattr(compiled, "CPU_OPTIONS", compiled.OPTIONS)  # no GEMM autotuning: faster
+    monkeypatch.setattr(compiled, "CPU_FROZEN", compiled.FROZEN)  # no GEMM autotuning: faster
     model = build("tiny-llama")
     prompts, lengths = mixed_prompts()[:4], [3, 5, 7, 9]
     reference = [generate(model, [p], n)[0] for p, n in zip(prompts, lengths, strict=True)]
-    llm = LLM(model, compile=True)
-    step = llm.runner.decode_model.compiled
+    llm = LLM(model, compile=True, compile_probe_steps=0)
+    step = llm.runner.decode.frozen
     outs = llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths])
     assert [o.token_ids for o in outs] == reference
     code = step._torchdynamo_orig_callable.__code__
     assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) == 2
-    assert llm.runner.decode_model.eager_reason is None
+    assert llm.runner.decode.eager_reason is None
 
 
 @pytest.mark.parametrize("lanes", [1, 2, 6])
@@ -167,21 +175,26 @@ def test_compiled_bf16_decode_step_matches_eager_logits(lanes):
     lanes run inductor's C++ GEMM on frozen weights, six lanes oneDNN's packed linears (if this
     CPU packs bf16)."""
     from lmstack.infer import compiled
-    from lmstack.model.paged import PagedKVCache, prepare_step
+    from lmstack.infer.step import StepRow, prepare_step
+    from lmstack.model.paged import PagedKVCache
 
     model = build("tiny-llama").to(torch.bfloat16)
-    model.pack_for_cpu_inference()
+    swap_linears(model, CPU_PACKED)
     kv = PagedKVCache.for_model(model, num_blocks=8 * lanes, block_size=4)
-    step = compiled.CompiledDecode(model)
+    step = compiled.CompiledDecode(model, probe_steps=0)
     torch.manual_seed(0)
     kv.k = [torch.randn_like(t) for t in kv.k]  # some context to attend to
     kv.v = [torch.randn_like(t) for t in kv.v]
     with torch.inference_mode(), torch.profiler.profile() as prof:
         for computed in (5, 21):
-            rows = [([7 + i], list(range(8 * i, 8 * i + 8)), computed - i % 3) for i in range(lanes)]
-            tokens, positions, meta = prepare_step(kv, rows, "cpu", pack=True)
+            rows = [StepRow([7 + i], list(range(8 * i, 8 * i + 8)), computed - i % 3)
+                    for i in range(lanes)]
+            tokens, positions, meta = prepare_step(kv, rows, "cpu", fill_lanes=True)
             eager = model(tokens, positions, cache=meta, logits_index=meta.logits_index).float()
-            out = step(tokens, positions, meta, meta.logits_index).float()
+            run, is_compiled = step.step_for(lanes, 1)
+            assert is_compiled
+            tokens, positions, meta = prepare_step(kv, rows, "cpu", fill_lanes=True, compiled=True)
+            out = run(tokens, positions, meta, meta.logits_index).float()
             assert step.eager_reason is None
             scale = eager.abs().max()
             assert (out - eager).abs().max() <= 0.05 * scale  # measured: 0.006-0.012
@@ -191,17 +204,53 @@ def test_compiled_bf16_decode_step_matches_eager_logits(lanes):
 
 
 def test_compiled_decode_falls_back_to_eager_when_compilation_fails(model, reference):
-    llm = LLM(model, compile=True, pack_weights=False)
+    llm = LLM(model, compile=True, pack_weights=False, compile_cache=CompileCache())
 
     def broken(*args, **kwargs):
         raise torch._dynamo.exc.TorchDynamoException("no kernel for this op\nmore detail")
 
-    llm.runner.decode_model.compiled = broken
+    llm.runner.decode.frozen = llm.runner.decode.graph = broken
     with pytest.warns(RuntimeWarning, match="compilation failed .*no kernel for this op"):
         outs = llm.generate(mixed_prompts(), GREEDY)
     assert [o.token_ids for o in outs] == reference
-    assert "no kernel" in llm.runner.decode_model.eager_reason
+    assert "no kernel" in llm.runner.decode.eager_reason
     assert_all_free(llm)
+
+
+def test_decode_variant_is_a_pure_function_of_the_step():
+    """Frozen weights up to 2 rows per byte of a weight element (8 fp32, 4 bf16), oneDNN's packed
+    products above, on CPU; CUDA has only frozen graphs."""
+    limit = compiled_module.frozen_max_rows
+    assert (limit(torch.float32), limit(torch.bfloat16)) == (8, 4)
+    assert decode_variant(8, 8, on_cpu=True) is Variant.FROZEN
+    assert decode_variant(9, 8, on_cpu=True) is Variant.PACKED
+    assert decode_variant(5, 4, on_cpu=True) is Variant.PACKED  # e.g. one lane verifying 4 drafts
+    assert decode_variant(64, 4, on_cpu=False) is Variant.FROZEN
+
+
+def test_compiled_steps_that_do_not_pay_run_eagerly(model, reference, monkeypatch):
+    """Each kind of decode step is timed compiled against eager over its first steps; compiled
+    steps that were slower are dropped with one warning, and the tokens stay the reference."""
+    import time
+
+    monkeypatch.setattr(compiled_module, "CPU_FROZEN", compiled_module.FROZEN)
+    llm = LLM(model, compile=True, compile_cache=CompileCache(), compile_probe_steps=2,
+              enable_prefix_caching=False)
+    decode, calls = llm.runner.decode, []
+    for name in ("frozen", "graph"):
+        step = getattr(decode, name)
+        setattr(decode, name, lambda *a, s=step: calls.append(1) or time.sleep(0.02) or s(*a))
+    with pytest.warns(RuntimeWarning, match="run eagerly from now on"):
+        outs = llm.generate(mixed_prompts(), GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    judged = [p for p in decode.probes.values() if p.pays is not None]
+    assert judged and all(p.pays is False for p in judged)
+    n = len(calls)
+    assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == reference
+    assert len(calls) == n  # the same kinds of steps again: all eager now
+    probe = compiled_module._Probe(compiled=[1e-3, 2e-3], eager=[3e-3, 1.5e-3], warm=True)
+    decode._judge(probe, Variant.FROZEN, True, 1)
+    assert probe.pays is True  # best compiled 1 ms <= best eager 1.5 ms
 
 
 def test_prefix_cache_warm_equals_cold_and_hits(model, reference):
@@ -244,12 +293,13 @@ def test_weights_changed_after_writes_through_data(options, monkeypatch):
     compiled graph, weights frozen in) and in a batch."""
     from lmstack.infer import compiled
 
-    monkeypatch.setattr(compiled, "CPU_OPTIONS", compiled.OPTIONS)  # no GEMM autotuning: faster
+    monkeypatch.setattr(compiled, "CPU_FROZEN", compiled.FROZEN)  # no GEMM autotuning: faster
     model = build("tiny-llama")
     prompts = mixed_prompts()
     reference = [generate(model, [p], MAX_TOKENS)[0] for p in prompts]
     draft = build("tiny-llama", seed=1) if options.get("speculative") else None
-    llm = LLM(model, compile=options.get("compile", False), speculative_model=draft)
+    llm = LLM(model, compile=options.get("compile", False), speculative_model=draft,
+              compile_probe_steps=0)
 
     def tokens() -> list[list[int]]:  # one request alone, then all together
         alone = llm.generate([prompts[0]], GREEDY)[0].token_ids
@@ -264,28 +314,21 @@ def test_weights_changed_after_writes_through_data(options, monkeypatch):
     changed = [generate(unpacked, [p], MAX_TOKENS)[0] for p in prompts]
     assert changed != reference
     assert tokens() == reference  # unseen: the engine still computes with the old copies
-    old_packed = model.layers[0].mlp.down_proj.packed
-    old_stacked = model.layers[0].mlp.stacked_packed
-    draft_packed = draft.layers[0].mlp.down_proj.packed if draft is not None else None
-    old_steps = (llm.speculator.target_step, llm.speculator.draft_step) if draft is not None else None
+    watched = [model.layers[0].mlp.down_proj.weight, model.layers[0].mlp.gate_proj.weight]
+    if draft is not None:
+        watched.append(draft.layers[0].mlp.down_proj.weight)
+    assert all(COPIES.get(w) is not None for w in watched)
+    old_steps = [r.decode for r in llm.runners]
     assert llm.weights_changed() > 0  # cached prompt blocks dropped
-    assert model.layers[0].mlp.down_proj.packed is not old_packed
-    assert model.layers[0].mlp.stacked_packed is not old_stacked
-    if draft is not None:  # the draft is packed again too (its tokens only steer acceptance)
-        assert draft.layers[0].mlp.down_proj.packed is not draft_packed
-        # the speculator takes the new compiled steps (eager: the same models as before)
-        new_steps = (llm.speculator.target_step, llm.speculator.draft_step)
-        assert new_steps[0] is (llm.runner.decode_model or llm.runner.model)
-        assert new_steps[1] is (llm.speculator.draft_compiled or draft)
-        assert all((new is old) != bool(options.get("compile"))
-                   for new, old in zip(new_steps, old_steps, strict=True))
+    # the packed copies (the draft's too: its tokens only steer acceptance) are gone, and
+    # compiled steps are new
+    assert all(COPIES.get(w) is None for w in watched)
+    assert all((r.decode is old) == (old is None) for r, old in zip(llm.runners, old_steps, strict=True))
     assert tokens() == changed
     if options.get("compile"):  # compiled again, not eager
-        assert llm.runner.decode_model.eager_reason is None
-        assert llm.runner.decode_model is model.compiled_decode
-        if draft is not None:
-            assert llm.speculator.draft_compiled.eager_reason is None
-            assert llm.speculator.draft_compiled is draft.compiled_decode
+        for runner in llm.runners:
+            assert runner.decode.eager_reason is None
+            assert runner.decode is SHARED.get(runner.model, probe_steps=0)
     assert_all_free(llm)
 
 
@@ -511,12 +554,12 @@ def test_generate_cli_prints_json(model_dirs, capsys):
 
     model, tok, ckpt, _ = model_dirs
     want = LLM(model, tok).generate("the quick", SamplingParams(max_tokens=6, temperature=0))[0]
-    code = main(["generate", str(ckpt), "--prompt", "the quick", "--max_tokens", "6",
-                 "--temperature", "0", "--json", "true", "--engine.block_size", "4"])
+    code = main(["generate", str(ckpt), "--prompt", "the quick", "--max-new-tokens", "6",
+                 "--temperature", "0", "--json", "true", "--block-size", "4"])
     assert code == 0
     got = json.loads(capsys.readouterr().out.splitlines()[0])
     assert got["token_ids"] == want.token_ids and got["text"] == want.text
-    assert main(["generate", str(ckpt), "--prompt", "x", "--max_tokens", "0"]) == 2
+    assert main(["generate", str(ckpt), "--prompt", "x", "--max-new-tokens", "0"]) == 2
     assert "max_tokens" in capsys.readouterr().err
 
 

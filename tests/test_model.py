@@ -1,8 +1,6 @@
 """The Transformer's numerics: SDPA vs a written-out reference, cached decoding vs full forward,
 config validation, meta-device build and the model's own accounting."""
 
-import copy
-import io
 import math
 
 import pytest
@@ -12,7 +10,7 @@ import lmstack.model.transformer as transformer
 from lmstack.model import ModelConfig, StaticCache, Transformer, generate
 from lmstack.model.cache import causal_mask
 from lmstack.model.generate import left_pad, top_k_mask, top_p_mask
-from lmstack.model.transformer import linear, reference_attention, rope_frequencies, sdpa
+from lmstack.model.transformer import reference_attention, rope_frequencies, sdpa
 
 
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (8, 2), (6, 1)])
@@ -73,201 +71,6 @@ def test_bf16_sdpa_with_grad_runs_in_fp32(native, autocast, monkeypatch):
     reference_attention(*refs, None).backward(grad)
     for got, ref in zip(leaves, refs, strict=True):
         torch.testing.assert_close(got.grad, ref.grad, rtol=2e-2, atol=2e-2)
-
-
-@pytest.mark.parametrize("shape", [(1, 1, 24), (1, 2, 24), (3, 5, 24), (64, 24), (2, 40, 24)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_equals_f_linear_for_every_row_count(shape, bias):
-    """`linear` computes (W @ x.T).T for 2-64 fp32 rows without grad; any path gives F.linear's
-    result, contiguous, in x's leading shape."""
-    torch.manual_seed(3)
-    x, w = torch.randn(shape), torch.randn(40, 24)
-    b = torch.randn(40) if bias else None
-    expected = torch.nn.functional.linear(x, w, b)
-    calls = []
-    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(transformer.F, "linear", lambda *a: calls.append(a) or expected)
-        out = linear(x, w, b)
-    rows = x.numel() // x.shape[-1]
-    assert bool(calls) == (not (2 <= rows <= 64 and transformer.MKL))  # the path that was meant
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(transformer.F, "linear", lambda *a: calls.append(a) or expected)
-        calls.clear()
-        linear(x, w, b)
-    assert calls  # autocast must see F.linear
-    assert out.shape == expected.shape and out.is_contiguous()
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    y = linear(x.requires_grad_(), w, b)  # with grad: F.linear, gradients flow
-    y.sum().backward()
-    assert x.grad is not None and x.grad.shape == x.shape
-
-
-needs_mkldnn = pytest.mark.skipif(not transformer.MKLDNN, reason="this torch build has no oneDNN")
-
-
-@needs_mkldnn
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 1, 24), (1, 2, 24), (3, 5, 24), (300, 24)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_f_linear(dtype, shape, bias):
-    """A fresh PackedWeight computes F.linear's result without autograd; a stale one (the weight
-    changed in place or was replaced), autograd or autocast take the unpacked path."""
-    torch.manual_seed(3)
-    layer = transformer.Linear(24, 40, bias=bias).to(dtype)
-    if not transformer.PackedWeight.supports(layer.weight):
-        pytest.skip("bf16 is packed only on CPUs with native bf16")
-    x = torch.randn(shape, dtype=dtype)
-    layer.packed = transformer.PackedWeight(layer.weight)
-    calls, real = [], transformer.packed_linear
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(transformer, "packed_linear", lambda *a: calls.append(1) or real(*a))
-        with torch.no_grad():
-            out, expected = layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
-        swapped = dtype == torch.float32 and transformer.MKL and x.numel() // 24 == 2
-        assert len(calls) == (0 if swapped else 1) and out.shape == expected.shape
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            layer(x)  # autocast must see F.linear: unpacked
-        layer(x).sum().backward()  # with autograd: unpacked, and gradients flow
-        assert len(calls) == (0 if swapped else 1) and layer.weight.grad is not None
-        with torch.no_grad():
-            layer.weight.mul_(2)  # in-place change: the packed copy is stale
-            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-            layer.weight.data = torch.randn_like(layer.weight)  # replaced storage: stale too
-            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-        assert len(calls) == (0 if swapped else 1)
-
-
-@needs_mkldnn
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_linear_op_uses_only_a_fresh_packed_copy(dtype):
-    """The op that compiled decode graphs call: the weight's packed copy while it is fresh, else
-    F.linear (stale copy, replaced storage, no copy at all, another input dtype)."""
-    torch.manual_seed(4)
-    layer = transformer.Linear(24, 40, bias=True).to(dtype)
-    if not transformer.PackedWeight.supports(layer.weight):
-        pytest.skip("bf16 is packed only on CPUs with native bf16")
-    x = torch.randn(3, 5, 24, dtype=dtype)
-    op = lambda x, w, b: transformer.packed_linear_op(x, [w], [b])  # noqa: E731
-    calls, real = [], transformer.packed_linear
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
-        mp.setattr(transformer, "packed_linear", lambda *a: calls.append(1) or real(*a))
-        expected = lambda: torch.nn.functional.linear(x, layer.weight, layer.bias)  # noqa: E731
-        torch.testing.assert_close(op(x, layer.weight, layer.bias), expected())  # no copy yet
-        assert calls == []
-        layer.packed = transformer.PackedWeight(layer.weight)
-        torch.testing.assert_close(op(x, layer.weight, layer.bias), expected(), rtol=tol, atol=tol)
-        assert calls == [1]
-        layer.weight.mul_(2)  # stale
-        torch.testing.assert_close(op(x, layer.weight, layer.bias), expected())
-        layer.packed = transformer.PackedWeight(layer.weight)
-        layer.weight.data = torch.randn_like(layer.weight)  # replaced storage
-        torch.testing.assert_close(op(x, layer.weight, layer.bias), expected())
-        other = torch.randn(3, 24, dtype=torch.float64)  # an input of another dtype
-        torch.testing.assert_close(op(other, layer.weight.double(), None),
-                                   torch.nn.functional.linear(other, layer.weight.double()))
-        assert calls == [1]
-        # weights stacked (q/k/v, gate/up): one product through their stacked copy while all are fresh
-        second = transformer.Linear(24, 8, bias=True).to(dtype)
-        weights, biases = [layer.weight, second.weight], [layer.bias, second.bias]
-        stacked = lambda: torch.cat([expected(), torch.nn.functional.linear(x, second.weight, second.bias)], -1)  # noqa: E731
-        keep = transformer.PackedWeight(*weights)
-        torch.testing.assert_close(transformer.packed_linear_op(x, weights, biases), stacked(),
-                                   rtol=tol, atol=tol)
-        assert calls == [1, 1] and keep.matches(*weights)
-        second.weight.add_(1)  # one stale member: no packed product
-        torch.testing.assert_close(transformer.packed_linear_op(x, weights, biases), stacked())
-        assert calls == [1, 1]
-
-
-@needs_mkldnn
-def test_stacked_projections_follow_a_module_swapped_in():
-    """q/k/v run as one stacked product only while all three are the plain Linears it was made
-    from: a wrapper swapped in for q_proj (as LoRA does) keeps the same weight object but is
-    run as itself, and an engine can pack again around it."""
-
-    class Shifted(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.weight = inner, inner.weight
-
-        def forward(self, x):
-            return self.inner(x) + 0.5
-
-    models = [Transformer.build(ModelConfig.from_preset("tiny-llama"), seed=0).eval() for _ in range(2)]
-    x = torch.randint(0, models[0].config.vocab_size, (2, 9))
-    for m in models:
-        attn = m.layers[0].self_attn
-        attn.q_proj = Shifted(attn.q_proj)
-    models[0].pack_for_cpu_inference()  # packed around the wrapper: k/v on their own copies
-    assert models[0].layers[0].self_attn.stacked_packed is None
-    assert models[0].layers[0].self_attn.k_proj.packed is not None
-    models[1].pack_for_cpu_inference()
-    with torch.no_grad():
-        reference = Transformer.build(ModelConfig.from_preset("tiny-llama"), seed=0).eval()
-        reference.layers[0].self_attn.q_proj = Shifted(reference.layers[0].self_attn.q_proj)
-        expected = reference(x)
-        torch.testing.assert_close(models[0](x), expected, rtol=1e-5, atol=1e-5)
-        models[1].layers[1].self_attn.q_proj = Shifted(models[1].layers[1].self_attn.q_proj)
-        reference.layers[1].self_attn.q_proj = Shifted(reference.layers[1].self_attn.q_proj)
-        # swapped in after packing: the stacked copy of layer 1 must not run
-        torch.testing.assert_close(models[1](x), reference(x), rtol=1e-5, atol=1e-5)
-
-
-@needs_mkldnn
-def test_packed_model_can_be_copied_and_saved_whole():
-    """deepcopy and torch.save of a packed model work (oneDNN's opaque tensors cannot be copied
-    or stored): the copy has no packed copies and the same logits."""
-    model = Transformer.build(ModelConfig.from_preset("tiny-llama"), seed=0)
-    x = torch.randint(0, model.config.vocab_size, (2, 9))
-    model.pack_for_cpu_inference()
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    for other in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
-        assert all(m.packed is None for m in other.modules() if isinstance(m, transformer.Linear))
-        with torch.no_grad():
-            torch.testing.assert_close(other(x), model(x), rtol=1e-5, atol=1e-5)
-
-
-@needs_mkldnn
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
-def test_packed_model_gives_the_same_logits(preset):
-    """pack_for_cpu_inference packs every linear and a tied head; logits match the unpacked model,
-    and a training step afterwards (in-place weight update) is never served from stale copies."""
-    model = Transformer.build(ModelConfig.from_preset(preset), seed=0)
-    x = torch.randint(0, model.config.vocab_size, (2, 9))
-    with torch.no_grad():
-        expected = model(x)
-        n = model.pack_for_cpu_inference()
-        packed = model(x)
-    n_linears = sum(isinstance(m, transformer.Linear) for m in model.modules())
-    assert n == n_linears + (model.lm_head is None)
-    copies = model.packed_copies()
-    assert len(copies) == n_linears and None not in copies.values()
-    # q/k/v share one stacked copy, and gate/up one (Llama's MLP; GPT-2's GELU MLP has no pair)
-    attn = model.layers[0].self_attn
-    assert copies["layers.0.self_attn.q_proj"] is copies["layers.0.self_attn.v_proj"]
-    assert attn.stacked_packed is not None and attn.q_proj.packed is None
-    assert (model.layers[0].mlp.stacked_packed is not None) == (preset == "tiny-llama")
-    assert model.pack_for_cpu_inference() == n  # fresh copies are kept, not made again
-    assert copies == model.packed_copies()
-    torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-5)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model(x).logsumexp(-1).mean().backward()
-    opt.step()
-    with torch.no_grad():
-        after = model(x)
-        model.pack_for_cpu_inference()  # stale copies are made again
-        for name, copy_ in model.packed_copies().items():
-            owner = model.get_submodule(name.rsplit(".", 1)[0])
-            group = owner.stacked() if copy_ is getattr(owner, "stacked_packed", None) else ()
-            weights = [m.weight for m in group] or [model.get_submodule(name).weight]
-            assert copy_.matches(*weights), name
-        torch.testing.assert_close(model(x), after, rtol=1e-5, atol=1e-5)
-    assert (after - expected).abs().max() > 1e-3  # the update did change the logits
 
 
 def test_sliding_window_mask_limits_lookback():

@@ -133,20 +133,21 @@ def test_compiled_speculative_steps_match_plain_greedy(monkeypatch):
     (Without inductor's GEMM autotuning, which test_engine covers: it would take minutes here.)"""
     from lmstack.infer import compiled as compiled_module
 
-    monkeypatch.setattr(compiled_module, "CPU_OPTIONS", compiled_module.OPTIONS)
+    monkeypatch.setattr(compiled_module, "CPU_FROZEN", compiled_module.FROZEN)
     target, draft = tiny(0), tiny(1, n_layers=1, dim=32, n_heads=2, n_kv_heads=1, hidden_dim=64)
     _, plain = greedy_run(target)
-    llm = LLM(target, block_size=4, compile=True, speculative_model=draft, num_speculative_tokens=3)
+    llm = LLM(target, block_size=4, compile=True, speculative_model=draft, num_speculative_tokens=3,
+              compile_probe_steps=0)
     widths = {"target": [], "draft": []}
-    for name, step in (("target", llm.runner.decode_model), ("draft", llm.speculator.draft_compiled)):
-        compiled = step.compiled
-        step.compiled = lambda m, t, *a, c=compiled, w=widths[name]: w.append(t.shape[1]) or c(m, t, *a)
+    for name, step in (("target", llm.runner.decode), ("draft", llm.speculator.draft_runner.decode)):
+        compiled = step.frozen
+        step.frozen = lambda m, t, *a, c=compiled, w=widths[name]: w.append(t.shape[1]) or c(m, t, *a)
     params = [SamplingParams(max_tokens=m, temperature=0.0) for m in MAX_TOKENS]
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == plain
     assert llm.stats()["spec_draft_tokens"] > 0
     assert 4 in widths["target"] and set(widths["draft"]) == {1}  # verify: k + 1 tokens
-    assert llm.runner.decode_model.eager_reason is None
-    assert llm.speculator.draft_compiled.eager_reason is None
+    assert llm.runner.decode.eager_reason is None
+    assert llm.speculator.draft_runner.decode.eager_reason is None
 
 
 def test_target_as_its_own_draft_accepts_everything():

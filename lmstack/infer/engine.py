@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lmstack.infer.block_manager import BlockManager
+from lmstack.infer.compiled import SHARED, CompileCache
 from lmstack.infer.loading import load_model, load_tokenizer, parse_dtype
 from lmstack.infer.outputs import IncrementalText, RequestMetrics, RequestOutput, TokenLogprob
 from lmstack.infer.runner import ModelRunner, SampledToken
@@ -29,6 +30,7 @@ from lmstack.infer.sampling import SamplingParams
 from lmstack.infer.scheduler import ScheduledBatch, Scheduler
 from lmstack.infer.sequence import FinishReason, Sequence
 from lmstack.infer.speculative import SpeculativeDecoder
+from lmstack.kernels import CPU_PACKED, swap_linears
 from lmstack.model.paged import PagedKVCache
 
 Prompt = str | list[int]
@@ -41,8 +43,7 @@ class EngineConfig:
     block_size: int = 32
     """Token slots per KV-cache block. Larger blocks mean fewer, longer runs for attention to
     read (compiled CPU decode visits the pool block by block) and coarser prefix sharing (only
-    whole blocks are shared). 32 against 16 on CPU: +6% compiled and +3% eager in
-    `benchmarks/serve_throughput.py` (a), one-off A/B in one process."""
+    whole blocks are shared); docs/performance.md has 16 against 32."""
     num_blocks: int | None = None
     """KV pool size in blocks; None sizes it from kv_budget_bytes."""
     kv_budget_bytes: int | None = None
@@ -62,17 +63,26 @@ class EngineConfig:
     device: str | None = None
     """None: the given model's device, else cuda when available."""
     pack_weights: bool = True
-    """CPU: run linears on oneDNN-packed copies of their weights (1.15-1.9x faster products; a
-    second copy of those weights in memory). See Transformer.pack_for_cpu_inference."""
+    """CPU: swap lmstack.kernels' oneDNN-packed linears into the model (in place, the same
+    Parameters): faster products for a second copy of those weights in memory."""
     compile: bool = False
-    """torch.compile the decode steps (one new token per sequence; prefill stays eager):
-    1.8-2.2x faster single-request bf16 decode on CPU (llama-150m), with the weights frozen
-    into the compiled code, and 1.3-1.5x faster batches of requests (llama-10m fp32), after tens of
-    seconds of compilation at the first decode steps. Steps of one lane or a few rows keep
-    another copy of the weights each until the process ends (engines over the same model
-    share them).
-    Speculative steps (draft and verify) compile too. If the weights change later, decode falls
-    back to eager (see CompiledDecode; `LLM.weights_changed()` compiles again)."""
+    """torch.compile the decode steps (one new token per sequence; prefill stays eager), after
+    tens of seconds of compilation at the first decode steps. Steps of one lane or a few rows
+    keep another copy of the weights each until the process ends (engines over the same model
+    share them). Each kind of step is timed against eager over its first steps and runs eagerly
+    if compiling does not pay (see compile_probe_steps). Speculative steps (draft and verify)
+    compile too. If the weights change later, decode falls back to eager (see CompiledDecode;
+    `LLM.weights_changed()` compiles again)."""
+    compile_probe_steps: int = 3
+    """With compile: how many steps of each kind run compiled and eager, alternately, before
+    the faster is kept; 0 keeps the compiled steps without timing them."""
+    compile_frozen_rows: int | None = None
+    """With compile on CPU: decode steps of at most this many rows run on weights frozen into
+    the graph, longer ones on oneDNN's packed copies; None: 2 per byte of a weight element
+    (see lmstack.infer.compiled.frozen_max_rows)."""
+    compile_cache: CompileCache | None = None
+    """Where compiled decode steps are kept, per model, for engines to share; None: the
+    process-wide lmstack.infer.compiled.SHARED."""
     seed: int = 0
     """Seeds the sampling of requests that bring no seed of their own."""
     speculative_model: str | Path | torch.nn.Module | None = None
@@ -104,8 +114,11 @@ class LLM:
         k = cfg.num_speculative_tokens if cfg.speculative_model is not None else 0
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    cfg.max_prefill_chunk, num_lookahead_slots=k)
-        self.runner = ModelRunner(self.model, self.kv, cfg.seed, cfg.compile)
-        self.speculator = _make_speculator(self.runner, cfg, self.max_model_len)
+        cache = (cfg.compile_cache or SHARED) if cfg.compile else None
+        options = dict(probe_steps=cfg.compile_probe_steps, max_frozen_rows=cfg.compile_frozen_rows)
+        self.runner = ModelRunner(self.model, self.kv, cfg.seed, cache, **options)
+        self.speculator = _make_speculator(self.runner, cfg, self.max_model_len, cache, options)
+        self.runners = [self.runner] + ([self.speculator.draft_runner] if self.speculator else [])
         self.eos_id = getattr(self.tokenizer, "eos_id", None)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -203,7 +216,7 @@ class LLM:
                 if seq.is_finished:
                     break
             else:  # the accepted drafts' keys/values are cached too; the last token's come next
-                seq.num_computed_tokens += len(tokens) - 1
+                self.scheduler.accept_drafts(seq, len(tokens) - 1)
             req.metrics.num_draft_tokens += self.speculator.k
             req.metrics.num_accepted_draft_tokens += len(tokens) - 1
             if not finished_only or seq.is_finished:
@@ -303,20 +316,14 @@ class LLM:
         return self.blocks.reset_prefix_cache()
 
     def weights_changed(self) -> int:
-        """Call after changing the model's (or the draft's) weights in place, by any means.
-        In-place ops and `load_state_dict` bump version counters that packed copies and compiled
-        steps check, but writes through `.data` do not, and the engine would go on computing
-        with copies of the old weights. This packs every weight again, compiles the decode
-        steps again at the next ones (if compiled), and drops the cached prompt blocks (their
-        keys/values came from the old weights); returns how many were dropped. Requests in
-        flight keep the keys/values they have computed so far."""
-        if self.config.pack_weights:
-            self.model.pack_for_cpu_inference(repack=True)
-            if self.speculator is not None:
-                self.speculator.draft.pack_for_cpu_inference(repack=True)
-        self.runner.recompile()
-        if self.speculator is not None:
-            self.speculator.recompile()
+        """Call after changing the model's (or the draft's) weights in place in a way version
+        counters cannot see (writes through `.data`; in-place ops and `load_state_dict` are
+        seen): the kernels pack those weights again and the decode steps compile again at the
+        next ones (if compiled). Also drops the cached prompt blocks (their keys/values came
+        from the old weights); returns how many were dropped. Requests in flight keep the
+        keys/values they have computed so far."""
+        for runner in self.runners:
+            runner.refresh()
         return self.reset_prefix_cache()
 
     def stats(self) -> dict[str, float]:
@@ -340,21 +347,25 @@ def _resolve_model(model, tokenizer, cfg: EngineConfig):
         model = model.to(device=cfg.device, dtype=dtype)
     if isinstance(tokenizer, str | Path):
         tokenizer = load_tokenizer(tokenizer)
-    if cfg.pack_weights:
-        model.pack_for_cpu_inference()
-    return model.eval(), tokenizer
+    return _with_kernels(model, cfg).eval(), tokenizer
 
 
-def _make_speculator(runner: ModelRunner, cfg: EngineConfig,
-                     max_model_len: int) -> SpeculativeDecoder | None:
+def _with_kernels(model: torch.nn.Module, cfg: EngineConfig) -> torch.nn.Module:
+    """The model with the CPU kernels swapped in (in place; the same Parameters), if asked."""
+    if cfg.pack_weights and model.embed_tokens.weight.device.type == "cpu":
+        swap_linears(model, CPU_PACKED)
+    return model
+
+
+def _make_speculator(runner: ModelRunner, cfg: EngineConfig, max_model_len: int,
+                     cache: CompileCache | None, options: dict) -> SpeculativeDecoder | None:
     if cfg.speculative_model is None:
         return None
     draft = cfg.speculative_model
     if isinstance(draft, str | Path):
         draft = load_model(draft, runner.device)
-    if cfg.pack_weights:
-        draft.pack_for_cpu_inference()
-    return SpeculativeDecoder(runner, draft, cfg.num_speculative_tokens, max_model_len, cfg.compile)
+    return SpeculativeDecoder(runner, _with_kernels(draft, cfg), cfg.num_speculative_tokens,
+                              max_model_len, cache, **options)
 
 
 def _make_kv_cache(model, cfg: EngineConfig, max_model_len: int) -> PagedKVCache:

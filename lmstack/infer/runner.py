@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from lmstack.infer.compiled import CompiledDecode
+from lmstack.infer.compiled import CompileCache
 from lmstack.infer.outputs import TokenLogprob
 from lmstack.infer.sampling import BatchSampling, compute_logprobs, sample, token_counts
 from lmstack.infer.scheduler import ScheduledBatch
 from lmstack.infer.sequence import Sequence
-from lmstack.model.paged import PagedKVCache, last_token_logits
+from lmstack.infer.step import StepRow, prepare_step, split_decodes
+from lmstack.kernels import drop_copies
+from lmstack.model.paged import PagedKVCache
 
 
 @dataclass
@@ -27,21 +29,26 @@ class SampledToken:
 
 
 class ModelRunner:
+    """Runs one model over its paged KV pool: the engine's target, or a speculative draft."""
+
     def __init__(self, model: torch.nn.Module, kv: PagedKVCache, seed: int = 0,
-                 compile_decode: bool = False):
-        self.model = model
-        self.decode_model = CompiledDecode.for_model(model) if compile_decode else None
-        self.kv = kv
+                 compile_cache: CompileCache | None = None, **compile_options):
+        self.model, self.kv = model, kv
+        self.compile_cache, self.compile_options = compile_cache, compile_options
+        self.decode = compile_cache.get(model, **compile_options) if compile_cache else None
+        """The compiled decode steps; None: eager only."""
         self.device = model.embed_tokens.weight.device
         self.vocab_size = model.config.vocab_size
         self.generator = torch.Generator(self.device).manual_seed(seed)  # rows without a seed
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> the request's own
 
-    def recompile(self) -> None:
-        """Compile the decode steps again (at the next ones), from the model's weights as they
-        are now; nothing without compiled steps."""
-        if self.decode_model is not None:
-            self.decode_model = CompiledDecode.for_model(self.model, renew=True)
+    def refresh(self) -> None:
+        """After the model's weights changed in a way version counters cannot see (writes
+        through `.data`): drop the kernels' packed copies and compile the decode steps again
+        (at the next ones)."""
+        drop_copies(self.model)
+        if self.decode is not None:
+            self.decode = self.compile_cache.get(self.model, renew=True, **self.compile_options)
 
     def add(self, seq: Sequence) -> None:
         if seq.params.seed is not None:
@@ -50,17 +57,51 @@ class ModelRunner:
     def remove(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)
 
-    def forward_last(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Run the model over the step's new tokens; logits (B, V) of each row's last one."""
-        rows = [(seq.token_slice(seq.num_computed_tokens, seq.num_computed_tokens + n),
-                 seq.block_table, seq.num_computed_tokens)
+    @torch.inference_mode()
+    def forward(self, rows: list[StepRow], tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the model over the rows' new tokens: logits (R, V) at each row's last one.
+
+        Single-token rows and longer ones run as separate passes (see split_decodes), the longer
+        ones sharing lanes. With `tokens` (R, T) already on the device (every row T tokens,
+        whose values in `rows` are then ignored), one pass of one lane per row, and the logits
+        at every position, (R, T, V): a speculative step's draft and verify passes.
+        """
+        if tokens is not None:
+            return self._pass(rows, tokens)
+        groups = split_decodes(rows)
+        if len(groups) == 1:
+            return self._pass(rows, None)
+        out = None
+        for group in groups:
+            logits = self._pass([rows[i] for i in group], None)
+            if out is None:
+                out = logits.new_empty(len(rows), logits.shape[-1])
+            out[torch.tensor(group, device=self.device)] = logits
+        return out
+
+    def _pass(self, rows: list[StepRow], tokens: torch.Tensor | None) -> torch.Tensor:
+        width = len(rows[0].tokens)
+        decodes = (self.decode is not None and any(r.num_computed for r in rows)
+                   and (width == 1 or tokens is not None))  # one token, or a fixed width
+        run, compiled = self.decode.step_for(len(rows), width) if decodes else (self.model, False)
+        step_tokens, positions, meta = prepare_step(self.kv, rows, self.device,
+                                                    fill_lanes=tokens is None, compiled=compiled)
+        if tokens is not None:
+            return run(tokens, positions, cache=meta)
+        logits = run(step_tokens, positions, cache=meta, logits_index=meta.logits_index)
+        return logits.flatten(0, 1)[meta.logits_rows]  # (R, V)
+
+    def batch_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run the model over a scheduled step's new tokens; logits (B, V) of each row's last."""
+        rows = [StepRow(seq.token_slice(seq.num_computed_tokens, seq.num_computed_tokens + n),
+                        seq.block_table, seq.num_computed_tokens)
                 for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True)]
-        return last_token_logits(self.model, self.kv, rows, self.device, self.decode_model)
+        return self.forward(rows)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
         """Forward the batch; sample a token for every row that finished computing its tokens."""
-        logits = self.forward_last(batch)
+        logits = self.batch_logits(batch)
         rows = [i for i in range(len(batch)) if batch.samples(i)]
         if not rows:
             return []

@@ -125,6 +125,11 @@ class Scheduler:
             seq.num_computed_tokens += n
             self.blocks.commit(seq)
 
+    def accept_drafts(self, seq: Sequence, n: int) -> None:
+        """After a speculative step's `advance`: n accepted draft tokens, appended to the
+        sequence, have cached keys/values too (the verify pass computed them)."""
+        seq.num_computed_tokens += n
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Stop a sequence (finished or aborted, running or waiting) and free its blocks now."""
         if seq.status is SequenceStatus.RUNNING:

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from lmstack.infer.compiled import CompiledDecode
+from lmstack.infer.compiled import CompileCache
 from lmstack.infer.runner import ModelRunner
 from lmstack.infer.sampling import BatchSampling, exponential_noise, sampling_probs
 from lmstack.infer.scheduler import ScheduledBatch
 from lmstack.infer.sequence import Sequence
-from lmstack.model.paged import PagedKVCache, last_token_logits, prepare_step
+from lmstack.infer.step import StepRow
+from lmstack.model.paged import PagedKVCache
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -91,14 +92,15 @@ def repeat_rows(s: BatchSampling, n: int) -> BatchSampling:
 class SpeculativeDecoder:
     """Decode steps where a draft model proposes k tokens per sequence and the target verifies.
 
-    The draft keeps its own PagedKVCache indexed by the target's block tables (the scheduler
-    reserves k slots past each decoding sequence). `draft_done[seq_id]` counts the tokens whose
-    draft keys/values are cached; whatever lies beyond (the prompt, tokens of non-speculative
-    steps, the last accepted tokens) is fed to the draft first. One host sync per step.
+    The draft runs through a ModelRunner of its own, over its own PagedKVCache indexed by the
+    target's block tables (the scheduler reserves k slots past each decoding sequence).
+    `draft_done[seq_id]` counts the tokens whose draft keys/values are cached; whatever lies
+    beyond (the prompt, tokens of non-speculative steps, the last accepted tokens) is fed to
+    the draft first. One host sync per step.
     """
 
     def __init__(self, runner: ModelRunner, draft: torch.nn.Module, k: int, max_model_len: int,
-                 compile: bool = False):
+                 compile_cache: CompileCache | None = None, **compile_options):
         target = runner.model
         if k <= 0:
             raise ValueError(f"num_speculative_tokens={k} must be >= 1 with a speculative_model")
@@ -108,32 +110,17 @@ class SpeculativeDecoder:
                              "draft trained with the same tokenizer")
         self.runner, self.k = runner, k
         emb = target.embed_tokens.weight
-        self.draft = draft.to(device=emb.device, dtype=emb.dtype).eval()
-        # compiled: the draft's one-token steps, and the target's verify pass (k + 1 tokens,
-        # through the runner's CompiledDecode: another graph of the same fixed width)
-        self.draft_compiled = CompiledDecode.for_model(self.draft) if compile else None
+        draft = draft.to(device=emb.device, dtype=emb.dtype).eval()
         c, kv = draft.config, runner.kv
-        self.draft_kv = PagedKVCache(c.n_layers, kv.num_blocks, kv.block_size, c.n_kv_heads,
-                                     c.head_dim, emb.device, emb.dtype, c.sliding_window)
+        draft_kv = PagedKVCache(c.n_layers, kv.num_blocks, kv.block_size, c.n_kv_heads,
+                                c.head_dim, emb.device, emb.dtype, c.sliding_window)
+        # compiled: the draft's one-token steps, and the target's verify pass (k + 1 tokens
+        # per lane: other graphs of the target's CompiledDecode)
+        self.draft_runner = ModelRunner(draft, draft_kv, compile_cache=compile_cache,
+                                        **compile_options)
         self.max_len = min(max_model_len, c.max_seq_len)
         self.draft_done: dict[int, tuple[int, int]] = {}  # seq_id -> (tokens, num_preemptions)
         self.num_proposed = self.num_accepted = 0
-
-    @property
-    def draft_step(self):
-        """The draft's one-token steps: compiled, or the eager draft."""
-        return self.draft_compiled or self.draft
-
-    @property
-    def target_step(self):
-        """The target's verify pass: through the runner's compiled steps, or eager."""
-        return self.runner.decode_model or self.runner.model
-
-    def recompile(self) -> None:
-        """Compile the draft's steps again, from its weights as they are now (the verify pass
-        follows the runner's `recompile`)."""
-        if self.draft_compiled is not None:
-            self.draft_compiled = CompiledDecode.for_model(self.draft, renew=True)
 
     def applies(self, batch: ScheduledBatch) -> bool:
         """Only pure decode steps whose rows have k more slots (and context) and need no
@@ -172,19 +159,16 @@ class SpeculativeDecoder:
 
     def _propose(self, seqs: list[Sequence], s: BatchSampling) -> tuple[torch.Tensor, torch.Tensor]:
         """k draft steps: draft tokens (B, k) and the draft's distributions q (B, k, V)."""
-        device = self.runner.device
         starts = [self._draft_start(seq) for seq in seqs]
-        rows = [(seq.token_slice(a, seq.num_tokens), seq.block_table, a)
+        rows = [StepRow(seq.token_slice(a, seq.num_tokens), seq.block_table, a)
                 for seq, a in zip(seqs, starts, strict=True)]
-        last = last_token_logits(self.draft, self.draft_kv, rows, device, self.draft_compiled)
+        last = self.draft_runner.forward(rows)
         gens = [self.runner.generators.get(q.seq_id) for q in seqs]
         drafted, probs = [], []
         for j in range(self.k):
             if j > 0:  # feed each row its previous draft token (known only on the device)
-                rows = [([0], seq.block_table, seq.num_tokens + j - 1) for seq in seqs]
-                _, positions, meta = prepare_step(self.draft_kv, rows, device)
-                last = self.draft_step(drafted[-1][:, None], positions, cache=meta,
-                                       logits_index=meta.logits_index)[:, 0]
+                rows = [StepRow([0], seq.block_table, seq.num_tokens + j - 1) for seq in seqs]
+                last = self.draft_runner.forward(rows, drafted[-1][:, None])[:, 0]
             probs.append(last if s.all_greedy else sampling_probs(last, s))  # greedy: unused
             drafted.append(self._draw(last, probs[-1], s, gens))
         return torch.stack(drafted, 1), torch.stack(probs, 1)
@@ -198,12 +182,11 @@ class SpeculativeDecoder:
 
     def _verify(self, seqs: list[Sequence], draft_tokens: torch.Tensor) -> torch.Tensor:
         """Target logits (B, k + 1, V) at the last token and the k draft tokens, in one pass."""
-        rows = [([0] * (self.k + 1), seq.block_table, seq.num_tokens - 1) for seq in seqs]
-        _, positions, meta = prepare_step(self.runner.kv, rows, self.runner.device)
+        rows = [StepRow([0] * (self.k + 1), seq.block_table, seq.num_tokens - 1) for seq in seqs]
         last = torch.tensor([seq.token_slice(seq.num_tokens - 1, seq.num_tokens)[0] for seq in seqs],
                             device=self.runner.device)
         tokens = torch.cat([last[:, None], draft_tokens], dim=1)  # (B, k + 1)
-        return self.target_step(tokens, positions, cache=meta)
+        return self.runner.forward(rows, tokens)
 
     def _accept(self, p_logits, q, draft_tokens, s: BatchSampling, seqs):
         tokens, n = accept_greedy(p_logits, draft_tokens)

@@ -12,7 +12,6 @@ Build on the meta device, then `to_empty` and one `init_weights()`:
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,7 @@ from torch import nn
 
 from lmstack.model.cache import causal_mask
 from lmstack.model.config import ModelConfig, RopeScaling
+from lmstack.model.cpu import NATIVE_CPU_BF16
 
 
 class RMSNorm(nn.Module):
@@ -39,186 +39,33 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-# whether this CPU has native bf16 matmul kernels (AVX512-BF16 or AMX); a constant, so that
-# torch.compile reads it without a graph break
-NATIVE_CPU_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-MKL = torch.backends.mkl.is_available()  # `linear`'s operand order was measured with MKL only
-MKLDNN = torch.backends.mkldnn.is_available()
-
-
-class PackedWeight:
-    """A copy of a linear weight in oneDNN's blocked layout, for CPU inference; or of several
-    weights of one input stacked along their outputs (q/k/v, gate/up), for one product where
-    there were several (see `stacked_linear`).
-
-    oneDNN's linear over a prepacked weight ran the products of decode and prefill 1.15-1.9x
-    faster than F.linear (fp32 and bf16, 1-512 rows; Zen 4), bf16 matrix-vector products at
-    24 GB/s against 13. The copy remembers which tensors it was made from and their data
-    pointers and version counters: any in-place change since (optimizer step, load_state_dict,
-    LoRA merge, `.data =`, a dtype cast) makes it stale, and `linear` ignores a stale copy.
-    Writes through `.data` (`w.data.copy_(...)`) skip the version counter and go unseen: after
-    them, `pack_for_cpu_inference(repack=True)` (or `LLM.weights_changed()`).
-    """
-
-    def __init__(self, *weights: torch.Tensor):
-        stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
-        self.tensor = torch.ops.mkldnn._reorder_linear_weight(stacked.detach(), None)
-        self._sources = [weakref.ref(w) for w in weights]
-        self._stamps = [(w.data_ptr(), w._version) for w in weights]
-        _PACKED_BY_PTRS[tuple(ptr for ptr, _ in self._stamps)] = self
-
-    @staticmethod
-    def supports(weight: torch.Tensor) -> bool:
-        """CPU fp32, or bf16 where the CPU has native bf16 instructions (else oneDNN's bf16 is
-        slow); not inference-mode tensors, which keep no version counter to detect changes."""
-        return (MKLDNN and weight.device.type == "cpu" and not weight.is_inference()
-                and (weight.dtype == torch.float32 or weight.dtype == torch.bfloat16 and NATIVE_CPU_BF16))
-
-    def matches(self, *weights: torch.Tensor) -> bool:
-        return len(weights) == len(self._sources) and all(
-            source() is w and stamp == (w.data_ptr(), w._version)
-            for source, stamp, w in zip(self._sources, self._stamps, weights, strict=True))
-
-    def serves(self, x: torch.Tensor, *weights: torch.Tensor) -> bool:
-        """Whether this copy computes x @ cat(weights).T: still fresh, x of the weights' dtype."""
-        return x.dtype == weights[0].dtype and self.matches(*weights)
-
-    # a copied or pickled model has weights of its own: it gets no packed copy (oneDNN's opaque
-    # tensors can be neither), and packs again when an engine asks
-    def __deepcopy__(self, memo) -> None:
-        return None
-
-    def __reduce__(self):
-        return type(None), ()  # unpickles as None
-
-
-def _pack(*weights: torch.Tensor, current: PackedWeight | None) -> PackedWeight | None:
-    """A packed copy of the weights (stacked): `current` if it still matches, None where packing
-    is unsupported."""
-    if current is not None and current.matches(*weights):
-        return current
-    supported = all(PackedWeight.supports(w) and w.dtype == weights[0].dtype for w in weights)
-    return PackedWeight(*weights) if supported else None
-
-
-def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed.tensor, bias, "none", [], "")
-
-
-# packed copies by their weights' data pointers, for `packed_linear_op`
-_PACKED_BY_PTRS: weakref.WeakValueDictionary[tuple[int, ...], PackedWeight] = weakref.WeakValueDictionary()
-PACKED_IN_GRAPHS = False
-"""Whether code traced by torch.compile runs linears as `packed_linear_op` (set by
-lmstack.infer.compiled around the calls it compiles that way)."""
-
-
-def _stacked_bias(biases: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """The biases of stacked weights side by side (all given, or all None)."""
-    return None if biases[0] is None else biases[0] if len(biases) == 1 else torch.cat(biases)
-
-
-def _eager_cpu_inference(x: torch.Tensor) -> bool:
-    """Whether packed copies may serve x: CPU, no autograd, no autocast, not being traced
-    (autograd and autocast must see F.linear, and torch.compile runs the products itself)."""
-    return not (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu"
-                or torch.is_autocast_enabled("cpu"))
-
-
-def _packed_linear_impl(x: torch.Tensor, weights: list[torch.Tensor],
-                        biases: list[torch.Tensor | None]) -> torch.Tensor:
-    """x through the weights stacked (their outputs side by side; biases all given or all
-    None): their fresh packed copy, if they have one, else F.linear."""
-    bias = _stacked_bias(biases)
-    packed = _PACKED_BY_PTRS.get(tuple(w.data_ptr() for w in weights))
-    if packed is not None and packed.serves(x, *weights):
-        return packed_linear(x, packed, bias)
-    return F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights), bias)
-
-
-# `lmstack::packed_linear`: _packed_linear_impl as an opaque op, which torch.compile leaves as
-# it is (oneDNN's packed copies cannot be traced). Defined through torch.library.Library rather
-# than the custom_op decorator, whose wrapping cost ~5 us more per call (one-off measurement:
-# 134 against 127-130 us for a 47 x 256 x 704 product, 122-126 called directly); a compiled
-# decode step of llama-10m makes 25 such calls.
-_LIB = torch.library.Library("lmstack", "DEF")
-_LIB.define("packed_linear(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor")
-_LIB.impl("packed_linear", _packed_linear_impl, "CompositeExplicitAutograd")
-packed_linear_op = torch.ops.lmstack.packed_linear.default
-
-
-@torch.library.register_fake("lmstack::packed_linear")
-def _(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: PackedWeight | None = None) -> torch.Tensor:
-    """x @ weight.T + bias, as F.linear, through the fastest CPU inference kernel measured.
-
-    CPU inference only (no autograd, no autocast: autocast must see F.linear):
-    - fp32 with MKL, 2 rows, or 2-64 rows without a fresh packed copy: (weight @ x.T).T, the same
-      products in the operand order MKL's GEMM ran 1.3-2.4x faster for those sizes (Zen 3), and
-      still 1.4-1.6x faster than the packed kernel for exactly 2 rows (Zen 4);
-    - with a fresh `PackedWeight` (see `Transformer.pack_for_cpu_inference`): the packed copy.
-    Everything else keeps F.linear: builds without MKL (not measured), one row or more than 64
-    unpacked (no gain / the transposed copy of a large result costs more), training (its
-    backward through the swapped form was slower), unpacked bf16, CUDA, and code being traced
-    by torch.compile (the compiler lays out and runs the products itself), unless
-    PACKED_IN_GRAPHS asks for `packed_linear_op` there.
-    """
-    if torch.compiler.is_compiling() and PACKED_IN_GRAPHS:
-        return packed_linear_op(x, [weight], [bias])
-    if not _eager_cpu_inference(x):
-        return F.linear(x, weight, bias)
-    rows = x.numel() // x.shape[-1]
-    fp32 = x.dtype == torch.float32 and weight.dtype == torch.float32
-    fresh = packed is not None and packed.serves(x, weight)
-    if MKL and fp32 and (rows == 2 or not fresh and 2 <= rows <= 64):
-        x2d = x.reshape(rows, x.shape[-1])
-        y = weight @ x2d.T if bias is None else torch.addmm(bias[:, None], weight, x2d.T)  # (N, rows)
-        return y.T.contiguous().view(*x.shape[:-1], weight.shape[0])
-    if fresh:
-        return packed_linear(x, packed, bias)
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and names) computed by `linear`, with an optional packed copy
-    (None also while its weight is part of a stacked copy, see `stacked_linear`)."""
-
-    packed: PackedWeight | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.packed)
-
-
-def stacked_linear(x: torch.Tensor, linears: tuple[nn.Module, ...],
-                   packed: PackedWeight | None) -> list[torch.Tensor]:
-    """[m(x) for m in linears], as one product through `packed`, the copy of their weights
-    stacked, where it serves: CPU inference, every module still a plain `Linear` (not, say, a
-    LoRA wrapper swapped in since), the copy fresh. Else one by one.
-
-    q/k/v as one product and gate/up as another: 43 calls become 25 in a llama-10m decode step,
-    and each call has more outputs to spread over the cores; one-off A/B of (a) compiled in one
-    process, 4 turns each: +1% to +17% per turn, best 2,583 vs 2,284 tokens/s.
-    """
-    if packed is None or not all(type(m) is Linear for m in linears):
-        return [m(x) for m in linears]
-    weights, biases = [m.weight for m in linears], [m.bias for m in linears]
-    if torch.compiler.is_compiling() and PACKED_IN_GRAPHS:
-        y = packed_linear_op(x, weights, biases)  # checks the copy's freshness when it runs
-    elif _eager_cpu_inference(x) and packed.serves(x, *weights):
-        y = packed_linear(x, packed, _stacked_bias(biases))
-    else:
-        return [m(x) for m in linears]
-    return list(y.split([w.shape[0] for w in weights], dim=-1))
-
-
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.dim, cfg.norm_eps)
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+
+# ----------------------------------------------------------------------------- seams for swapped-in kernels
+
+class Fanout(nn.Module):
+    """The seam where linears that read the same input run: `fanout(x, owner)` is
+    [owner.<name>(x) for name in names]. It holds no parameters; a kernel swapped in for it may
+    run the linears as one product (q/k/v, gate/up) when they are plain linears."""
+
+    def __init__(self, *names: str):
+        super().__init__()
+        self.names = names
+
+    def forward(self, x: torch.Tensor, owner: nn.Module) -> list[torch.Tensor]:
+        return [getattr(owner, name)(x) for name in self.names]
+
+
+class TiedHead(nn.Module):
+    """The output projection of tied embeddings: x @ embedding.T. The seam a kernel can replace
+    (the weight stays the embedding's, so there is no second Parameter to re-tie)."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
@@ -285,10 +132,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Fused attention; mask=None means plain causal over T == S.
 
     bf16 on CPU (bf16 inputs, or bf16 autocast) runs in fp32 with autocast off, and is cast
-    back, where that was measured faster: without native bf16 kernels SDPA's bf16 fallback is
-    ~3x slower than the casts plus fp32; with them, its bf16 backward still is (forward +
-    backward 6.0 ms vs 2.9 ms at 4x8x128x32 with GQA, Zen 4), so training (inputs that need
-    grad) takes fp32 too. fp32 is no less accurate.
+    back, where that was measured faster (docs/performance.md): without native bf16 kernels
+    SDPA's bf16 fallback is slower than the casts plus fp32, and with them its bf16 backward
+    still is, so training (inputs that need grad) takes fp32 too. fp32 is no less accurate.
     """
     autocast_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     dtype = torch.bfloat16 if autocast_bf16 else q.dtype  # what SDPA would compute in
@@ -305,20 +151,16 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
-        self.stacked_packed: PackedWeight | None = None  # q/k/v's, see pack_for_cpu_inference
-
-    def stacked(self) -> tuple[nn.Module, ...]:
-        """The projections that read the same input, for one stacked product."""
-        return self.q_proj, self.k_proj, self.v_proj
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.out_bias)
+        self.qkv = Fanout("q_proj", "k_proj", "v_proj")
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = stacked_linear(x, self.stacked(), self.stacked_packed)
+        q, k, v = self.qkv(x, self)  # q_proj(x), k_proj(x), v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -339,18 +181,14 @@ class MLP(nn.Module):
         self.gated = cfg.mlp == "swiglu"
         self.approximate = cfg.gelu_approximate
         if self.gated:
-            self.gate_proj = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
-        self.up_proj = Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
-        self.down_proj = Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
-        self.stacked_packed: PackedWeight | None = None  # gate/up's, see pack_for_cpu_inference
-
-    def stacked(self) -> tuple[nn.Module, ...]:
-        """The projections that read the same input, for one stacked product (none: GELU)."""
-        return (self.gate_proj, self.up_proj) if self.gated else ()
+            self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+            self.gate_up = Fanout("gate_proj", "up_proj")
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            gate, up = stacked_linear(x, self.stacked(), self.stacked_packed)
+            gate, up = self.gate_up(x, self)  # gate_proj(x), up_proj(x)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
 
@@ -381,8 +219,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         # tied embeddings reuse embed_tokens.weight in forward: no shared Parameter to re-tie
-        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.head_packed: PackedWeight | None = None  # the tied head's, see pack_for_cpu_inference
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.tied_head = TiedHead() if cfg.tie_embeddings else None
         if cfg.pos == "rope":
             cos, sin = rope_tables(cfg, device=self.embed_tokens.weight.device)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -416,47 +254,6 @@ class Transformer(nn.Module):
                 m.reset_parameters()
         if self.config.pos == "rope":
             self.rope_cos, self.rope_sin = rope_tables(self.config, device=self.rope_cos.device)
-
-    @torch.no_grad()
-    def pack_for_cpu_inference(self, repack: bool = False) -> int:
-        """Give every `Linear` (and a tied head) a `PackedWeight` for faster CPU inference, the
-        projections that read one input (q/k/v, gate/up) one stacked copy between them (see
-        `stacked_linear`); return how many Linears (and heads) are packed. The packed copies
-        double those weights' memory, are used only without autograd, and are ignored once
-        their weights change (call again then: copies that still match their weights are
-        kept, not made again; `repack=True` makes every copy again, for writes through
-        `.data`, which the copies cannot see)."""
-        stacked = set()  # Linears served by a stacked copy (q/k/v, gate/up) instead of their own
-        for owner in self.modules():
-            if isinstance(owner, Attention | MLP):
-                group = owner.stacked()
-                plain = group and all(type(m) is Linear for m in group) and len(
-                    {m.bias is None for m in group}) == 1
-                owner.stacked_packed = _pack(
-                    *[m.weight for m in group], current=None if repack else owner.stacked_packed
-                ) if plain else None
-                if owner.stacked_packed is not None:
-                    stacked.update(group)
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        for m in linears:
-            m.packed = None if m in stacked else _pack(m.weight, current=None if repack else m.packed)
-        if self.lm_head is None:
-            self.head_packed = _pack(self.embed_tokens.weight,
-                                     current=None if repack else self.head_packed)
-        return (sum(m.packed is not None for m in linears) + len(stacked)
-                + (self.head_packed is not None))
-
-    def packed_copies(self) -> dict[str, PackedWeight | None]:
-        """Each Linear's packed copy by module name: its own, or the stacked one it is part of."""
-        out = {}
-        for name, owner in self.named_modules():
-            for child_name, m in owner.named_children():
-                if isinstance(m, Linear):
-                    shared = isinstance(owner, Attention | MLP) and m in owner.stacked()
-                    out[f"{name}.{child_name}".lstrip(".")] = (
-                        owner.stacked_packed if shared and owner.stacked_packed is not None
-                        else m.packed)
-        return out
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache=None, pad_mask: torch.Tensor | None = None,
@@ -492,7 +289,7 @@ class Transformer(nn.Module):
             x = x.gather(1, logits_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, C)
         x = self.norm(x)
         if self.lm_head is None:
-            return linear(x, self.embed_tokens.weight, packed=self.head_packed)
+            return self.tied_head(x, self.embed_tokens.weight)
         return self.lm_head(x)
 
     def _mask(self, T: int, cache, pad_mask, device) -> torch.Tensor | None:

@@ -1,0 +1,46 @@
+"""Drop-in modules swapped into a model from outside: one entry point, `swap_linears`.
+
+    swap_linears(model, CPU_PACKED)     # eager CPU inference on oneDNN-packed weights
+    swap_linears(model, FUSED)          # q/k/v and gate/up as one product each, for training
+
+A policy maps the exact type of a module (nn.Linear, or the model's seams `Fanout` and
+`TiedHead`) to a function that builds its replacement; modules of other types (a LoRA wrapper,
+a quantized linear) are left as they are, and the kernels around them still run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from lmstack.kernels.packed import (
+    FusedFanout,
+    PackedFanout,
+    PackedLinear,
+    PackedTiedHead,
+    drop_copies,
+    graph_view,
+)
+from lmstack.model.transformer import Fanout, TiedHead
+
+Policy = dict[type, Callable[[nn.Module], nn.Module]]
+
+CPU_PACKED: Policy = {
+    nn.Linear: PackedLinear.from_linear,
+    Fanout: lambda m: PackedFanout(*m.names),
+    TiedHead: lambda m: PackedTiedHead(),
+}
+FUSED: Policy = {Fanout: lambda m: FusedFanout(*m.names)}
+
+
+def swap_linears(model: nn.Module, policy: Policy) -> int:
+    """Replace, in place, every module whose exact type the policy names; return how many."""
+    found = [(owner, name, child) for owner in model.modules()
+             for name, child in owner.named_children() if type(child) in policy]
+    for owner, name, child in found:
+        setattr(owner, name, policy[type(child)](child))
+    return len(found)
+
+
+__all__ = ["CPU_PACKED", "FUSED", "Policy", "drop_copies", "graph_view", "swap_linears"]

@@ -1,0 +1,211 @@
+"""oneDNN-packed CPU linears: the same products as F.linear over a copy of the weights laid out
+in oneDNN's blocked format, for inference on CPU.
+
+Three drop-in modules, swapped in for the model's `nn.Linear`, `Fanout` and `TiedHead`
+(`swap_linears(model, CPU_PACKED)`); each keeps the Parameters it computes with, so names,
+`state_dict` and training are unchanged:
+- `PackedLinear`: one linear;
+- `PackedFanout`: the linears of one input (q/k/v, gate/up) as one product over their weights
+  stacked along the outputs, while every one of them is still a plain linear;
+- `PackedTiedHead`: the tied output projection.
+
+Packed copies are made at the first call that can use one, kept in `COPIES` by the first
+weight they were made from, and checked at every call against their sources' identity and
+version counters: an optimizer step, `load_state_dict`, a LoRA merge or a dtype cast makes a new
+copy at the next call. Writes through `.data` skip the version counter: call `drop_copies(model)`
+after them. A copy serves only eager CPU inference (no autograd, no autocast, not being traced);
+everything else runs F.linear on the Parameters.
+
+Compiled decode steps of many rows run these products as `lmstack::packed_linear`, an opaque op
+torch.compile leaves as it is (oneDNN's packed tensors cannot be traced): `graph_view(model)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from lmstack.model.cpu import NATIVE_CPU_BF16
+from lmstack.model.transformer import Fanout, TiedHead
+
+MKLDNN = torch.backends.mkldnn.is_available()
+
+
+class PackedWeight:
+    """oneDNN's copy of one weight, or of several stacked along their outputs; remembers which
+    tensors it was made from and their data pointers and version counters."""
+
+    def __init__(self, weights: list[torch.Tensor]):
+        stacked = weights[0] if len(weights) == 1 else torch.cat(weights)
+        self.tensor = torch.ops.mkldnn._reorder_linear_weight(stacked.detach(), None)
+        self._sources = [weakref.ref(w) for w in weights]
+        self._stamps = [(w.data_ptr(), w._version) for w in weights]
+
+    @staticmethod
+    def supports(weight: torch.Tensor) -> bool:
+        """CPU fp32, or bf16 where the CPU has native bf16 instructions (oneDNN's emulated bf16
+        is slow); not inference-mode tensors, which keep no version counter to check."""
+        return (MKLDNN and weight.device.type == "cpu" and not weight.is_inference()
+                and (weight.dtype == torch.float32 or weight.dtype == torch.bfloat16 and NATIVE_CPU_BF16))
+
+    def current(self, weights: list[torch.Tensor]) -> bool:
+        """Made from exactly these tensors, unchanged since."""
+        return len(weights) == len(self._sources) and all(
+            source() is w and stamp == (w.data_ptr(), w._version)
+            for source, stamp, w in zip(self._sources, self._stamps, weights, strict=True))
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.tensor, bias, "none", [], "")
+
+
+COPIES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+"""Packed copies by the first weight they were made from; a copy goes with its weight."""
+
+
+def packed_copy(weights: list[torch.Tensor]) -> PackedWeight | None:
+    """The current packed copy of these weights (stacked), made now if there is none; None
+    where oneDNN cannot serve them."""
+    copy_ = COPIES.get(weights[0])
+    if copy_ is not None and copy_.current(weights):
+        return copy_
+    if not all(PackedWeight.supports(w) and w.dtype == weights[0].dtype for w in weights):
+        return None
+    COPIES[weights[0]] = copy_ = PackedWeight(weights)
+    return copy_
+
+
+def drop_copies(model: nn.Module) -> None:
+    """Forget every packed copy of the model's weights (they are made again at the next calls),
+    after writes through `.data`, which version counters do not see."""
+    for p in model.parameters():
+        COPIES.pop(p, None)
+
+
+def _stacked_bias(biases: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The biases of stacked weights side by side (all given, or all None)."""
+    return None if biases[0] is None else biases[0] if len(biases) == 1 else torch.cat(biases)
+
+
+def packed_product(x: torch.Tensor, weights: list[torch.Tensor],
+                   biases: list[torch.Tensor | None]) -> torch.Tensor:
+    """x through the weights stacked (their outputs side by side): on their packed copy where
+    oneDNN serves them and x has their dtype, else F.linear."""
+    bias = _stacked_bias(biases)
+    packed = packed_copy(weights) if x.dtype == weights[0].dtype else None
+    if packed is not None:
+        return packed(x, bias)
+    return F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights), bias)
+
+
+def eager_cpu_inference(x: torch.Tensor) -> bool:
+    """Whether a packed copy may serve x: CPU, no autograd, no autocast (they must see
+    F.linear), not being traced (the compiler lays out and runs the products itself)."""
+    return not (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu"
+                or torch.is_autocast_enabled("cpu"))
+
+
+# `lmstack::packed_linear`: packed_product as an opaque op, which torch.compile calls as it is.
+# Defined through torch.library.Library: the custom_op decorator's wrapper costs more per call.
+_LIB = torch.library.Library("lmstack", "DEF")
+_LIB.define("packed_linear(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor")
+_LIB.impl("packed_linear", packed_product, "CompositeExplicitAutograd")
+packed_linear_op = torch.ops.lmstack.packed_linear.default
+
+
+@torch.library.register_fake("lmstack::packed_linear")
+def _(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
+
+
+def _product(module: nn.Module, x: torch.Tensor, weights: list[torch.Tensor],
+             biases: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The packed product of a kernel module, or None where F.linear must run instead."""
+    if module.in_graph:
+        return packed_linear_op(x, weights, biases)
+    if eager_cpu_inference(x):
+        return packed_product(x, weights, biases)
+    return None
+
+
+class PackedLinear(nn.Linear):
+    """nn.Linear (the same weight and bias Parameters) that runs on a packed copy in eager CPU
+    inference."""
+
+    in_graph = False
+    """Traced code runs the product as the opaque op (set only on graph_view's copies)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> PackedLinear:
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_features, m.out_features = linear.in_features, linear.out_features
+        m.weight, m.bias = linear.weight, linear.bias
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _product(self, x, [self.weight], [self.bias])
+        return F.linear(x, self.weight, self.bias) if y is None else y
+
+
+PLAIN_LINEARS = (nn.Linear, PackedLinear)
+"""Module types whose forward is exactly F.linear(x, weight, bias): a fanout may stack them."""
+
+
+class PackedFanout(Fanout):
+    """Fanout that runs its linears as one product over their weights stacked, while each is a
+    plain linear with a bias like the others' (a LoRA wrapper swapped in for one of them, say,
+    and they run one by one again)."""
+
+    in_graph = False
+
+    def forward(self, x: torch.Tensor, owner: nn.Module) -> list[torch.Tensor]:
+        linears = [getattr(owner, name) for name in self.names]
+        if not all(type(m) in PLAIN_LINEARS for m in linears) or len(
+                {m.bias is None for m in linears}) != 1:
+            return [m(x) for m in linears]
+        weights = [m.weight for m in linears]
+        y = _product(self, x, weights, [m.bias for m in linears])
+        if y is None:
+            return [m(x) for m in linears]
+        return list(y.split([w.shape[0] for w in weights], dim=-1))
+
+
+class PackedTiedHead(TiedHead):
+    """The tied output projection on a packed copy of the embedding weight."""
+
+    in_graph = False
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        y = _product(self, x, [weight], [None])
+        return F.linear(x, weight) if y is None else y
+
+
+class FusedFanout(Fanout):
+    """Fanout that runs its plain linears as one F.linear over their weights concatenated, with
+    autograd: one larger product forward and backward instead of several (a fused `c_attn`),
+    while the Parameters stay q_proj/k_proj/v_proj."""
+
+    def forward(self, x: torch.Tensor, owner: nn.Module) -> list[torch.Tensor]:
+        linears = [getattr(owner, name) for name in self.names]
+        if not all(type(m) in PLAIN_LINEARS for m in linears) or len(
+                {m.bias is None for m in linears}) != 1:
+            return [m(x) for m in linears]
+        weights = [m.weight for m in linears]
+        y = F.linear(x, torch.cat(weights), _stacked_bias([m.bias for m in linears]))
+        return list(y.split([w.shape[0] for w in weights], dim=-1))
+
+
+def graph_view(model: nn.Module) -> nn.Module:
+    """A copy of the model's modules, sharing every Parameter and buffer, whose packed kernels
+    run as the opaque op when traced (for compiled steps of many rows)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    view = copy.deepcopy(model, memo=tensors)
+    for m in view.modules():
+        if isinstance(m, PackedLinear | PackedFanout | PackedTiedHead):
+            m.in_graph = True
+    return view

@@ -268,7 +268,7 @@ def test_golden_loss_curve():
 # ----------------------------------------------------------------------------- bad input
 
 def test_seq_len_longer_than_the_context_is_rejected():
-    with pytest.raises(ValueError, match=r"--train.seq_len=256 .*max_seq_len=128"):
+    with pytest.raises(ValueError, match=r"--train.seq-len=256 .*max_seq_len=128"):
         run(seq_len=256)
 
 
@@ -473,9 +473,9 @@ def data_dir(tmp_path_factory):
 
 def pretrain_flags(data_dir, out, *extra):
     return ["--data", str(data_dir), "--out", str(out), "--model.preset", "tiny-llama",
-            "--train.max_steps", "4", "--train.batch_size", "4", "--train.seq_len", "32",
+            "--train.max-steps", "4", "--train.batch-size", "4", "--train.seq-len", "32",
             "--train.eval.every", "2", "--train.eval.batches", "2", "--train.checkpoint.every", "2",
-            "--train.device", "cpu", "--train.logging.progress_bar", "false",
+            "--train.device", "cpu", "--train.logging.progress-bar", "false",
             "--train.logging.tensorboard", "false", *extra]
 
 
@@ -497,21 +497,21 @@ def test_pretrain_resume_and_sample_commands(data_dir, tmp_path, capsys):
     # the same --out again: refused unless --resume; with it, training continues at step 5
     assert pretrain_cli.main(pretrain_flags(data_dir, out)) == 2
     assert "pass --resume" in capsys.readouterr().err
-    assert pretrain_cli.main(pretrain_flags(data_dir, out, "--train.max_steps", "6", "--resume")) == 0
+    assert pretrain_cli.main(pretrain_flags(data_dir, out, "--train.max-steps", "6", "--resume")) == 0
     assert "resuming from" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 
-    assert sample_cli.main([str(out), "--prompt", "3 plus", "--max_new_tokens", "8",
-                            "--temperature", "0", "--num_samples", "2"]) == 0
+    assert sample_cli.main([str(out), "--prompt", "3 plus", "--max-new-tokens", "8",
+                            "--temperature", "0", "--num-samples", "2"]) == 0
     first, second = capsys.readouterr().out.split("-" * 40 + "\n")
     assert first.startswith("3 plus") and first == second  # greedy: both samples agree
 
 
 def test_pretrain_command_rejects_a_too_long_seq_len(data_dir, tmp_path, capsys):
-    flags = pretrain_flags(data_dir, tmp_path / "run", "--train.seq_len", "256")
+    flags = pretrain_flags(data_dir, tmp_path / "run", "--train.seq-len", "256")
     assert pretrain_cli.main(flags) == 2
-    assert "--train.seq_len=256 is longer than the model's context (max_seq_len=128)" in capsys.readouterr().err
+    assert "--train.seq-len=256 is longer than the model's context (max_seq_len=128)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("suffix", [".toml", ".yaml"])
@@ -522,7 +522,7 @@ def test_config_file_sits_between_defaults_and_flags(tmp_path, suffix):
                      "model:\n  preset: tiny-llama\n  overrides: {n_layers: 1}\n"}[suffix]
     path = tmp_path / f"run{suffix}"
     path.write_text(text)
-    args = pretrain_cli.parse_args(["--train.seq_len", "32", "--config", str(path)])
+    args = pretrain_cli.parse_args(["--train.seq-len", "32", "--config", str(path)])
     assert args.train.max_steps == 7 and args.train.optim.lr == 0.002  # from the file
     assert args.train.seq_len == 32  # the flag wins, even given before --config
     assert args.train.batch_size == TrainConfig().batch_size  # untouched default
@@ -569,8 +569,11 @@ def test_compiled_cross_entropy_matches_eager_loss_and_gradients(dtype):
     (eager, eager_grads), (compiled, compiled_grads) = results
     assert compiled.dtype == torch.float32
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=0)
+    # bf16 gradients may round differently by an ulp or two (bf16: 8 bits of mantissa), as they
+    # do where bf16 linears run through CpuBf16Linear (CPUs without native bf16)
+    rtol, atol = (1e-4, 1e-6) if dtype == "fp32" else (1e-2, 1e-5)
     for a, b in zip(compiled_grads, eager_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
 _FAULTS_SCRIPT = """

@@ -15,7 +15,7 @@ from typing import Literal
 
 def _check(ok: bool, flag: str, value, need: str) -> None:
     if not ok:
-        raise ValueError(f"--{flag}={value!r} is invalid: {need}")
+        raise ValueError(f"--{flag.replace('_', '-')}={value!r} is invalid: {need}")
 
 
 @dataclass
@@ -148,6 +148,10 @@ class TrainConfig:
     """torch.compile each Transformer block, and the default loss (its cross-entropy)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them."""
+    fused_projections: bool = True
+    """Run q/k/v, and gate/up, as one product each (lmstack.kernels.FUSED, over the weights
+    concatenated): fewer, larger matmuls forward and backward; parameters and checkpoints are
+    unchanged."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)

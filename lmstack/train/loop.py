@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmstack.kernels import FUSED, swap_linears
 from lmstack.train.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -255,8 +256,8 @@ def check_seq_len(model: nn.Module, seq_len: int) -> None:
     config = getattr(model, "config", None)
     limit = getattr(config, "max_seq_len", None)
     if limit is not None and seq_len > limit:
-        raise ValueError(f"--train.seq_len={seq_len} is longer than the model's context "
-                         f"(max_seq_len={limit}); lower --train.seq_len or build the model "
+        raise ValueError(f"--train.seq-len={seq_len} is longer than the model's context "
+                         f"(max_seq_len={limit}); lower --train.seq-len or build the model "
                          "with a larger max_seq_len")
 
 
@@ -284,6 +285,9 @@ def _save(out_dir: Path, model, optimizer, precision, batches, cfg, run) -> Path
 
 
 def _apply_transforms(model: nn.Module, cfg: TrainConfig) -> None:
+    """Module swaps first, then activation checkpointing, then compile (see train.parallel)."""
+    if cfg.fused_projections:
+        swap_linears(model, FUSED)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:

@@ -21,7 +21,7 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     layers = getattr(model, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(f"{type(model).__name__} has no `layers` ModuleList of blocks; "
-                         "turn off --train.compile and --train.activation_checkpointing")
+                         "turn off --train.compile and --train.activation-checkpointing")
     return layers
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from lmstack.model.transformer import NATIVE_CPU_BF16
+from lmstack.model.cpu import NATIVE_CPU_BF16
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -25,7 +25,6 @@ import math
 import random
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,10 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, help="(a) override the preset's depth")
     p.add_argument("--decode-preset", default="llama-150m", help="(b) model shape (bf16)")
     p.add_argument("--decode-tokens", type=int, help="(b) tokens to decode (default 64, quick 24)")
-    p.add_argument("--decode-batches", type=int, nargs="+", default=[],
-                   help="(b) also decode this many requests together with compile=True, each count "
-                        "through inductor's C++ GEMM and through oneDNN's packed kernel (what "
-                        "lmstack.infer.compiled.frozen_max_rows chooses between; minutes of compiling)")
     p.add_argument("--spec-k", type=int, default=4, help="(c) draft tokens per step")
     p.add_argument("--spec-preset", default="llama-50m", help="(c) target shape")
     p.add_argument("--spec-damp", type=float, nargs="+", default=[0.05, 0.01],
@@ -304,8 +299,6 @@ def part_b(args, folder: Path) -> None:
     bound = bandwidth / weight_bytes
     ceiling = matvec_ceiling(model)
     static = max(static_decode_rate(model, prompt, args.decode_tokens) for _ in range(3))
-    if args.decode_batches:
-        batch_kernels(model, args.decode_batches, args.decode_tokens)
     title = (f"(b) single-request decode, {args.decode_preset} bf16, {model.num_params() / 1e6:.0f}M "
              f"params, {weight_bytes / 1e6:.0f} MB read per token, {bandwidth / 1e9:.1f} GB/s measured")
     table(title, [("bandwidth bound (weight bytes / bandwidth)", bound, "upper limit"),
@@ -316,37 +309,6 @@ def part_b(args, folder: Path) -> None:
                   *[(name, rate, f"{bound / rate:.2f}x from the bound (goal: within 2x)")
                     for name, rate in rates.items()]],
           "tok/s", "bandwidth bound (weight bytes / bandwidth)")
-
-
-def batch_kernels(model: Transformer, counts: list[int], n: int) -> None:
-    """Output tokens/s of `count` requests decoding together (compile=True), their products
-    through inductor's C++ GEMM on frozen weights vs oneDNN's packed kernel, taking turns."""
-    from lmstack.infer import compiled
-
-    if min(counts) < 2:
-        raise SystemExit("--decode-batches: counts of at least 2 (one request always runs the C++ GEMM)")
-    llm = LLM(model, max_num_seqs=max(counts), num_blocks=64 * max(counts), compile=True)
-    kernels = {"C++ GEMM (frozen)": 10**9, "oneDNN (packed)": 0}  # FROZEN_ROWS_PER_WEIGHT_BYTE
-    default, rows = compiled.FROZEN_ROWS_PER_WEIGHT_BYTE, []
-    limit_now = compiled.frozen_max_rows(model.embed_tokens.weight.dtype)
-    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    try:
-        for count in counts:
-            prompts = [list(range(1 + i, 17 + i)) for i in range(count)]
-            best = dict.fromkeys(kernels, 0.0)
-            for rep in range(3):  # the first turn compiles (not timed); best of the other two
-                for name, limit in kernels.items():
-                    compiled.FROZEN_ROWS_PER_WEIGHT_BYTE = limit
-                    llm.reset_prefix_cache()
-                    elapsed, outs = timed(partial(llm.generate, prompts, params))
-                    if rep:
-                        best[name] = max(best[name], sum(len(o.token_ids) for o in outs) / elapsed)
-            rows += [(f"{count} requests, {name}", rate, "chosen" if (limit < count) == (limit_now < count)
-                      else "") for (name, rate), limit in zip(best.items(), kernels.values(), strict=True)]
-    finally:
-        compiled.FROZEN_ROWS_PER_WEIGHT_BYTE = default
-    table(f"(b) requests decoding together, compile=True (frozen_max_rows = {limit_now})",
-          rows, "tok/s", rows[0][0])
 
 
 # ----------------------------------------------------------------------------- (c) speculative

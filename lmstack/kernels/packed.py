@@ -156,6 +156,14 @@ PLAIN_LINEARS = (nn.Linear, PackedLinear)
 """Module types whose forward is exactly F.linear(x, weight, bias): a fanout may stack them."""
 
 
+def _stackable(owner: nn.Module, names: tuple[str, ...]) -> list[nn.Linear] | None:
+    """The owner's linears of these names, if their products can be stacked into one: all
+    plain linears, with biases all given or all None."""
+    linears = [getattr(owner, name) for name in names]
+    plain = all(type(m) in PLAIN_LINEARS for m in linears)
+    return linears if plain and len({m.bias is None for m in linears}) == 1 else None
+
+
 class PackedFanout(Fanout):
     """Fanout that runs its linears as one product over their weights stacked, while each is a
     plain linear with a bias like the others' (a LoRA wrapper swapped in for one of them, say,
@@ -164,15 +172,12 @@ class PackedFanout(Fanout):
     in_graph = False
 
     def forward(self, x: torch.Tensor, owner: nn.Module) -> list[torch.Tensor]:
-        linears = [getattr(owner, name) for name in self.names]
-        if not all(type(m) in PLAIN_LINEARS for m in linears) or len(
-                {m.bias is None for m in linears}) != 1:
-            return [m(x) for m in linears]
-        weights = [m.weight for m in linears]
-        y = _product(self, x, weights, [m.bias for m in linears])
+        linears = _stackable(owner, self.names)
+        y = None if linears is None else _product(
+            self, x, [m.weight for m in linears], [m.bias for m in linears])
         if y is None:
-            return [m(x) for m in linears]
-        return list(y.split([w.shape[0] for w in weights], dim=-1))
+            return super().forward(x, owner)
+        return list(y.split([m.out_features for m in linears], dim=-1))
 
 
 class PackedTiedHead(TiedHead):
@@ -191,13 +196,12 @@ class FusedFanout(Fanout):
     while the Parameters stay q_proj/k_proj/v_proj."""
 
     def forward(self, x: torch.Tensor, owner: nn.Module) -> list[torch.Tensor]:
-        linears = [getattr(owner, name) for name in self.names]
-        if not all(type(m) in PLAIN_LINEARS for m in linears) or len(
-                {m.bias is None for m in linears}) != 1:
-            return [m(x) for m in linears]
-        weights = [m.weight for m in linears]
-        y = F.linear(x, torch.cat(weights), _stacked_bias([m.bias for m in linears]))
-        return list(y.split([w.shape[0] for w in weights], dim=-1))
+        linears = _stackable(owner, self.names)
+        if linears is None:
+            return super().forward(x, owner)
+        y = F.linear(x, torch.cat([m.weight for m in linears]),
+                     _stacked_bias([m.bias for m in linears]))
+        return list(y.split([m.out_features for m in linears], dim=-1))
 
 
 def graph_view(model: nn.Module) -> nn.Module:

@@ -83,9 +83,7 @@ def compiled_cross_entropy_sum(model: nn.Module, inputs: torch.Tensor,
                                targets: torch.Tensor) -> torch.Tensor:
     """cross_entropy_sum with the cast, log-softmax and loss (and their backward) as one
     compiled graph: the loop's loss with cfg.compile. Eager, bf16 logits pay a cast and three
-    passes over the (B*T, V) logits each way; one-off A/B of compiled llama-10m bf16 steps,
-    alternating in one process (Zen 4, 2 threads): 97.6 -> 95.1 ms at 4 x 128, 369 -> 361 ms
-    at 8 x 256."""
+    passes over the (B*T, V) logits each way; compiled, one (docs/performance.md)."""
     return _compiled_token_cross_entropy_sum()(model(inputs), targets)
 
 
@@ -118,9 +116,8 @@ def keep_freed_memory() -> bool:
 
     Every CPU training step allocates and frees the same large tensors (logits, their gradient);
     by default glibc hands such blocks back to the OS and takes them again next step, and each
-    of their pages faults on first touch. Keeping them cut a llama-10m bf16 step's page faults
-    4x (Zen 4); the speed gain is within run-to-run noise to 13% (README, training benchmark).
-    The cost: the process keeps its peak memory. Returns whether it applied (glibc only; a
+    of their pages faults on first touch; kept, they fault once (docs/performance.md has the
+    counts). The cost: the process keeps its peak memory. Returns whether it applied (glibc only; a
     no-op elsewhere)."""
     name = ctypes.util.find_library("c")
     try:

@@ -9,10 +9,10 @@ Weights and optimizer state stay fp32 in every mode; only the forward/backward m
         step whose gradients overflowed is skipped while the scale shrinks.
 
 On a CPU without native bf16 matmuls (no AVX512-BF16 / AMX), PyTorch's fallback bf16 GEMM is
-fast only when its second operand is a transposed view: x @ W.T runs at ~17 GFLOP/s on 2 Zen 3
-cores, but the input gradient grad @ W, with W as stored, at ~1.3. `CpuBf16Linear` routes every
-F.linear through `_Bf16Linear`, whose backward multiplies by a transposed view of a contiguous
-copy of W.T instead: the same products, >10x faster (a whole bf16 step: 4x).
+fast only when its second operand is a transposed view (x @ W.T), and many times slower for the
+input gradient grad @ W with W as stored. `CpuBf16Linear` routes every F.linear through
+`_Bf16Linear`, whose backward multiplies by a transposed view of a contiguous copy of W.T
+instead: the same products, on the fast kernel (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def resolve_dtype(name: str, device: torch.device) -> str:
     """'auto' -> 'bf16' on a CUDA device that supports it or a CPU with native bf16 matmuls
-    (AVX512-BF16 / AMX: llama-10m trains ~1.5x faster than fp32 on Zen 4), else 'fp32'; check
-    the others fit."""
+    (AVX512-BF16 / AMX, where bf16 trains faster than fp32), else 'fp32'; check the others fit."""
     if name == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return "bf16" if cuda_bf16 or (device.type == "cpu" and NATIVE_CPU_BF16) else "fp32"
@@ -44,7 +43,7 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("--train.precision.dtype=bf16: this GPU has no bf16 support; use fp16")
     if name == "bf16" and device.type == "cpu" and not NATIVE_CPU_BF16:
-        # even with CpuBf16Linear, a bf16 step is ~5x slower than fp32 here (README, benchmarks)
+        # even with CpuBf16Linear, a bf16 step is several times slower than fp32 here (docs/performance.md)
         warnings.warn("bf16 on this CPU has no native matmul kernel and trains many times slower "
                       "than fp32; --train.precision.dtype=fp32 is faster here", stacklevel=2)
     return name

@@ -31,6 +31,7 @@ from lmstack.infer.scheduler import ScheduledBatch, Scheduler
 from lmstack.infer.sequence import FinishReason, Sequence
 from lmstack.infer.speculative import SpeculativeDecoder
 from lmstack.kernels import CPU_PACKED, swap_linears
+from lmstack.kernels.packed import PackedWeight
 from lmstack.model.paged import PagedKVCache
 
 Prompt = str | list[int]
@@ -351,8 +352,10 @@ def _resolve_model(model, tokenizer, cfg: EngineConfig):
 
 
 def _with_kernels(model: torch.nn.Module, cfg: EngineConfig) -> torch.nn.Module:
-    """The model with the CPU kernels swapped in (in place; the same Parameters), if asked."""
-    if cfg.pack_weights and model.embed_tokens.weight.device.type == "cpu":
+    """The model with the CPU kernels swapped in (in place; the same Parameters), if asked and
+    oneDNN can pack its weights (CPU fp32, or bf16 with native bf16 instructions): otherwise the
+    kernels would only add their checks to every call."""
+    if cfg.pack_weights and PackedWeight.supports(model.embed_tokens.weight):
         swap_linears(model, CPU_PACKED)
     return model
 

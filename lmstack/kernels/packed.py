@@ -9,9 +9,9 @@ Three drop-in modules, swapped in for the model's `nn.Linear`, `Fanout` and `Tie
   stacked along the outputs, while every one of them is still a plain linear;
 - `PackedTiedHead`: the tied output projection.
 
-Packed copies are made at the first call that can use one, kept in `COPIES` by the first
-weight they were made from, and checked at every call against their sources' identity and
-version counters: an optimizer step, `load_state_dict`, a LoRA merge or a dtype cast makes a new
+Packed copies are made at the first call that can use one, kept on the module and in
+`COPIES` by the first weight they were made from (the graph op finds them there), and checked
+at every call against their sources' identity and version counters: an optimizer step, `load_state_dict`, a LoRA merge or a dtype cast makes a new
 copy at the next call. Writes through `.data` skip the version counter: call `drop_copies(model)`
 after them. A copy serves only eager CPU inference (no autograd, no autocast, not being traced);
 everything else runs F.linear on the Parameters.
@@ -70,12 +70,11 @@ COPIES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 def packed_copy(weights: list[torch.Tensor]) -> PackedWeight | None:
     """The current packed copy of these weights (stacked), made now if there is none; None
     where oneDNN cannot serve them."""
-    copy_ = COPIES.get(weights[0])
-    if copy_ is not None and copy_.current(weights):
-        return copy_
     if not all(PackedWeight.supports(w) and w.dtype == weights[0].dtype for w in weights):
         return None
-    COPIES[weights[0]] = copy_ = PackedWeight(weights)
+    copy_ = COPIES.get(weights[0])
+    if copy_ is None or not copy_.current(weights):
+        COPIES[weights[0]] = copy_ = PackedWeight(weights)
     return copy_
 
 
@@ -84,6 +83,9 @@ def drop_copies(model: nn.Module) -> None:
     after writes through `.data`, which version counters do not see."""
     for p in model.parameters():
         COPIES.pop(p, None)
+    for m in model.modules():
+        if isinstance(m, _PackedKernel):
+            m._packed = None
 
 
 def _stacked_bias(biases: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -94,12 +96,13 @@ def _stacked_bias(biases: list[torch.Tensor | None]) -> torch.Tensor | None:
 def packed_product(x: torch.Tensor, weights: list[torch.Tensor],
                    biases: list[torch.Tensor | None]) -> torch.Tensor:
     """x through the weights stacked (their outputs side by side): on their packed copy where
-    oneDNN serves them and x has their dtype, else F.linear."""
-    bias = _stacked_bias(biases)
+    oneDNN serves them and x has their dtype, else F.linear weight by weight (concatenating
+    the weights would copy them at every call)."""
     packed = packed_copy(weights) if x.dtype == weights[0].dtype else None
     if packed is not None:
-        return packed(x, bias)
-    return F.linear(x, weights[0] if len(weights) == 1 else torch.cat(weights), bias)
+        return packed(x, _stacked_bias(biases))
+    outs = [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 def eager_cpu_inference(x: torch.Tensor) -> bool:
@@ -122,22 +125,32 @@ def _(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | 
     return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
 
 
-def _product(module: nn.Module, x: torch.Tensor, weights: list[torch.Tensor],
-             biases: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """The packed product of a kernel module, or None where F.linear must run instead."""
-    if module.in_graph:
-        return packed_linear_op(x, weights, biases)
-    if eager_cpu_inference(x):
-        return packed_product(x, weights, biases)
-    return None
-
-
-class PackedLinear(nn.Linear):
-    """nn.Linear (the same weight and bias Parameters) that runs on a packed copy in eager CPU
-    inference."""
+class _PackedKernel:
+    """What the packed modules share: the current packed copy of their weights, kept on the
+    module for eager calls (also in COPIES, for the graph op), and the graph switch."""
 
     in_graph = False
     """Traced code runs the product as the opaque op (set only on graph_view's copies)."""
+    _packed: PackedWeight | None = None
+
+    def _copy_for(self, x: torch.Tensor, weights: list[torch.Tensor]) -> PackedWeight | None:
+        """The packed copy that serves x in eager CPU inference, else None (F.linear then)."""
+        if not eager_cpu_inference(x) or x.dtype != weights[0].dtype:
+            return None
+        packed = self._packed
+        if packed is None or not packed.current(weights):
+            packed = self._packed = packed_copy(weights)
+        return packed
+
+    def __getstate__(self) -> dict:  # copies and pickles hold no oneDNN tensor: they pack anew
+        state = dict(self.__dict__)
+        state.pop("_packed", None)
+        return state
+
+
+class PackedLinear(_PackedKernel, nn.Linear):
+    """nn.Linear (the same weight and bias Parameters) that runs on a packed copy in eager CPU
+    inference."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> PackedLinear:
@@ -148,8 +161,10 @@ class PackedLinear(nn.Linear):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _product(self, x, [self.weight], [self.bias])
-        return F.linear(x, self.weight, self.bias) if y is None else y
+        if self.in_graph:
+            return packed_linear_op(x, [self.weight], [self.bias])
+        packed = self._copy_for(x, [self.weight])
+        return F.linear(x, self.weight, self.bias) if packed is None else packed(x, self.bias)
 
 
 PLAIN_LINEARS = (nn.Linear, PackedLinear)
@@ -164,30 +179,34 @@ def _stackable(owner: nn.Module, names: tuple[str, ...]) -> list[nn.Linear] | No
     return linears if plain and len({m.bias is None for m in linears}) == 1 else None
 
 
-class PackedFanout(Fanout):
+class PackedFanout(_PackedKernel, Fanout):
     """Fanout that runs its linears as one product over their weights stacked, while each is a
     plain linear with a bias like the others' (a LoRA wrapper swapped in for one of them, say,
     and they run one by one again)."""
 
-    in_graph = False
-
     def forward(self, x: torch.Tensor, owner: nn.Module) -> list[torch.Tensor]:
         linears = _stackable(owner, self.names)
-        y = None if linears is None else _product(
-            self, x, [m.weight for m in linears], [m.bias for m in linears])
-        if y is None:
+        if linears is None:
             return super().forward(x, owner)
+        weights, biases = [m.weight for m in linears], [m.bias for m in linears]
+        if self.in_graph:
+            y = packed_linear_op(x, weights, biases)
+        else:
+            packed = self._copy_for(x, weights)
+            if packed is None:
+                return super().forward(x, owner)
+            y = packed(x, _stacked_bias(biases))
         return list(y.split([m.out_features for m in linears], dim=-1))
 
 
-class PackedTiedHead(TiedHead):
+class PackedTiedHead(_PackedKernel, TiedHead):
     """The tied output projection on a packed copy of the embedding weight."""
 
-    in_graph = False
-
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        y = _product(self, x, [weight], [None])
-        return F.linear(x, weight) if y is None else y
+        if self.in_graph:
+            return packed_linear_op(x, [weight], [None])
+        packed = self._copy_for(x, [weight])
+        return F.linear(x, weight) if packed is None else packed(x, None)
 
 
 class FusedFanout(Fanout):
@@ -210,6 +229,6 @@ def graph_view(model: nn.Module) -> nn.Module:
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
     view = copy.deepcopy(model, memo=tensors)
     for m in view.modules():
-        if isinstance(m, PackedLinear | PackedFanout | PackedTiedHead):
+        if isinstance(m, _PackedKernel):
             m.in_graph = True
     return view

@@ -3,8 +3,9 @@
     lmstack sample runs/demo --prompt "def fib(n):" --max-new-tokens 200 --temperature 0.8
     lmstack sample runs/demo/checkpoints/step_00001000 --num-samples 4 --top-p 0.9 --seed 1
 
-CHECKPOINT is a checkpoint directory, or a run directory (its newest valid checkpoint is used).
-The tokenizer is the run's tokenizer/ unless --tokenizer names another.
+CHECKPOINT is a checkpoint directory, a run directory (its newest valid checkpoint is used) or a
+quantized directory (`lmstack quantize`). The tokenizer is --tokenizer, else the directory's own
+tokenizer.json, else the run's tokenizer/.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmstack.cli import flags
+from lmstack.compress import is_quantized_dir, load_quantized
 from lmstack.model import generate
 from lmstack.model.tokenizer import Tokenizer
 from lmstack.train import latest_checkpoint, load_model, resolve_device
@@ -71,7 +73,7 @@ def sample(checkpoint: str | Path, args: SampleArgs) -> list[str]:
         raise ValueError(f"--num-samples={args.num_samples} must be >= 1")
     ckpt = find_checkpoint(checkpoint)
     tokenizer = Tokenizer.load(args.tokenizer or find_tokenizer(ckpt))
-    model = load_model(ckpt, resolve_device(args.device))
+    model = (load_quantized if is_quantized_dir(ckpt) else load_model)(ckpt, resolve_device(args.device))
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     prompt = tokenizer.encode(args.prompt) if args.prompt else stop[:1]
     if not prompt:
@@ -95,7 +97,10 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def find_tokenizer(ckpt: Path) -> Path:
-    """RUN/tokenizer for RUN/checkpoints/step_N (or a tokenizer/ next to the checkpoint)."""
+    """The checkpoint's own tokenizer.json (a quantized directory's), else RUN/tokenizer for
+    RUN/checkpoints/step_N (or a tokenizer/ next to the checkpoint)."""
+    if (ckpt / "tokenizer.json").is_file():
+        return ckpt
     for folder in (ckpt, ckpt.parent, ckpt.parent.parent):
         if (folder / "tokenizer" / "tokenizer.json").is_file():
             return folder / "tokenizer"

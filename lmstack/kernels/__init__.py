@@ -2,6 +2,7 @@
 
     swap_linears(model, CPU_PACKED)     # eager CPU inference on oneDNN-packed weights
     swap_linears(model, FUSED)          # q/k/v and gate/up as one product each, for training
+    swap_linears(model, {nn.Linear: make_int4})  # quantized linears: lmstack.compress.quantize_
 
 A policy maps the exact type of a module (nn.Linear, or the model's seams `Fanout` and
 `TiedHead`) to a function that builds its replacement; modules of other types (a LoRA wrapper,
@@ -22,6 +23,7 @@ from lmstack.kernels.packed import (
     drop_copies,
     graph_view,
 )
+from lmstack.kernels.quantized import Int4Linear, Int8Linear, QuantizedLinear
 from lmstack.model.transformer import Fanout, TiedHead
 
 Policy = dict[type, Callable[[nn.Module], nn.Module]]
@@ -32,6 +34,8 @@ CPU_PACKED: Policy = {
     TiedHead: lambda m: PackedTiedHead(),
 }
 FUSED: Policy = {Fanout: lambda m: FusedFanout(*m.names)}
+QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
+"""Weight-only quantized stand-ins for nn.Linear (lmstack.kernels.quantized)."""
 
 
 def swap_linears(model: nn.Module, policy: Policy) -> int:
@@ -43,4 +47,5 @@ def swap_linears(model: nn.Module, policy: Policy) -> int:
     return len(found)
 
 
-__all__ = ["CPU_PACKED", "FUSED", "Policy", "drop_copies", "graph_view", "swap_linears"]
+__all__ = ["CPU_PACKED", "FUSED", "QUANTIZED_LINEARS", "Int4Linear", "Int8Linear", "Policy",
+           "QuantizedLinear", "drop_copies", "graph_view", "swap_linears"]

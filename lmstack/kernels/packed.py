@@ -55,9 +55,12 @@ class PackedWeight:
 
     def current(self, weights: list[torch.Tensor]) -> bool:
         """Made from exactly these tensors, unchanged since."""
-        return len(weights) == len(self._sources) and all(
-            source() is w and stamp == (w.data_ptr(), w._version)
-            for source, stamp, w in zip(self._sources, self._stamps, weights, strict=True))
+        if len(weights) != len(self._sources):
+            return False
+        for source, (ptr, version), w in zip(self._sources, self._stamps, weights, strict=True):
+            if source() is not w or w._version != version or w.data_ptr() != ptr:
+                return False
+        return True
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.tensor, bias, "none", [], "")
@@ -135,7 +138,7 @@ class _PackedKernel:
 
     def _copy_for(self, x: torch.Tensor, weights: list[torch.Tensor]) -> PackedWeight | None:
         """The packed copy that serves x in eager CPU inference, else None (F.linear then)."""
-        if not eager_cpu_inference(x) or x.dtype != weights[0].dtype:
+        if x.dtype != weights[0].dtype or not eager_cpu_inference(x):
             return None
         packed = self._packed
         if packed is None or not packed.current(weights):
@@ -174,7 +177,8 @@ PLAIN_LINEARS = (nn.Linear, PackedLinear)
 def _stackable(owner: nn.Module, names: tuple[str, ...]) -> list[nn.Linear] | None:
     """The owner's linears of these names, if their products can be stacked into one: all
     plain linears, with biases all given or all None."""
-    linears = [getattr(owner, name) for name in names]
+    modules = owner._modules  # where nn.Module keeps children: getattr would search three dicts
+    linears = [modules[name] for name in names]
     plain = all(type(m) in PLAIN_LINEARS for m in linears)
     return linears if plain and len({m.bias is None for m in linears}) == 1 else None
 

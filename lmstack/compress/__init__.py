@@ -1,0 +1,19 @@
+"""The compress layer: weight-only quantization (RTN, GPTQ) into `kernels` modules, and
+quantized model directories.
+
+    kept = quantize_(model, "gptq-int4", group_size=128, calibration=batches)
+    save_quantized(model, "out/", tokenizer, method="gptq-int4")
+    model = load_quantized("out/")          # or lmstack.infer.loading.load_model("out/")
+"""
+
+from lmstack.compress.checkpoint import (
+    describe,
+    is_quantized_dir,
+    load_quantized,
+    resident_bytes,
+    save_quantized,
+)
+from lmstack.compress.quantize import METHODS, gptq_int4, quantize_, rtn_int4, rtn_int8
+
+__all__ = ["METHODS", "describe", "gptq_int4", "is_quantized_dir", "load_quantized", "quantize_",
+           "resident_bytes", "rtn_int4", "rtn_int8", "save_quantized"]

@@ -1,0 +1,369 @@
+"""Weight-only quantized linears, swapped in for nn.Linear: int8 per output channel, int4 in groups.
+
+Unlike the packed linears, these hold no `weight` Parameter: they own integer codes and their
+scales as buffers, so a state_dict holds, under the linear's own name,
+    <name>.qweight  int8 (N, K) codes                 | uint8 (N, K/2), two int4 codes a byte
+    <name>.scales   (N,) one per output channel       | (N, K/G) one per group of G inputs
+    <name>.zeros                                      | (N, K/G)
+    <name>.bias     as nn.Linear's, if it has one
+(N outputs, K inputs, G the group size). The weights they stand for:
+- `Int8Linear`: w = q * scale, q in [-127, 127] (symmetric);
+- `Int4Linear`: w = (q - 8) * scale + zero, q in [0, 15] (asymmetric: `zero` is the value of
+  code 8). This is the convention of torch's int4 kernels, so they compute exactly these weights.
+In the file, the int4 codes of row n are packed along the inputs: byte j holds the codes of
+inputs 2j (low nibble) and 2j + 1 (high nibble), on every device.
+
+Products run on the integer kernels torch ships, where the device has one (`has_kernel`):
+`torch._weight_int8pack_mm`, and `torch._weight_int4pack_mm_for_cpu` (CPU) or
+`torch._weight_int4pack_mm` (CUDA) on the codes reordered for them when the module is loaded or
+moved (`prepare`). On CPU the reordered codes replace the file's order in memory (one copy; the
+state_dict is written in the file's order again); on CUDA they are a second copy. Activations
+may be any float dtype: they are cast to the dtype the kernel was prepared for and back.
+Without a kernel a module warns once and runs the tile path below on every call.
+
+Many rows (prefill) do not go to the kernels: they read the whole packed weight once per block
+of `KERNEL_ROW_BLOCK` rows of x. Above `kernel_max_rows` rows the weight is dequantized tile by
+tile (blocks of output rows) and multiplied by F.linear, so the float weight never exists whole.
+`dequantize()` and `reference()` are the plain path the tests compare against.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+"""Group sizes torch's int4 kernels accept."""
+
+KERNEL_ROW_BLOCK = 4
+"""Rows of x that ATen's CPU int8 / int4 kernels compute per pass over the packed weight."""
+
+INT4_MIN_ROW_BLOCK = 16
+"""The int4 kernels take output rows in blocks of 16 (N must be a multiple of it)."""
+
+
+def kernel_max_rows(bits: int, dtype: torch.dtype) -> int:
+    """The most rows of x the integer kernel runs; more are dequantized tile by tile.
+
+    The rule: the kernel re-reads the packed weight (bits per weight) once per
+    KERNEL_ROW_BLOCK rows, while the tile path reads it once and writes and reads a float
+    copy of each tile (2 x the float dtype's bits); the kernel is kept while its reads cost
+    no more. Reason: decode (few rows) is bound by reading weights, where the kernels win, and
+    prefill must not pay a weight read per 4 rows.
+    """
+    return KERNEL_ROW_BLOCK * (1 + 2 * torch.finfo(dtype).bits // bits)
+
+
+def has_kernel(op: str, device: torch.device) -> bool:
+    """Whether torch registers `aten::<op>` for this device type (the capability check)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", device.type.upper())
+
+
+def _warn_reference(kind: str, device: torch.device, why: str) -> None:
+    warnings.warn(f"{kind} on {device.type}: {why}; it runs on the reference path (dequantized "
+                  "tile by tile, then F.linear), which is slower", RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- int4 code orders
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(..., 2m) codes in [0, 15] -> (..., m) uint8: code 2j in the low nibble, 2j + 1 high."""
+    pairs = codes.to(torch.uint8).unflatten(-1, (-1, 2))
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: (..., m) uint8 -> (..., 2m) uint8 codes."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
+@functools.cache
+def _cpu_slot_rows(n: int) -> torch.Tensor | None:
+    """For a block of n output rows in the CPU int4 kernel's order: which row (0..n-1) each
+    nibble of one input column holds, read off the kernel's own converter on a probe whose
+    codes spell each row's index; None where n rows do not form one block of that order."""
+    rows = torch.arange(n, dtype=torch.int32)
+    probe = torch.stack([rows & 15, rows >> 4], dim=1)  # (n, 2): the row index, two 4-bit digits
+    packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1).view(2, n // 2)  # (K, n/2)
+    digits = unpack_int4(packed).int()  # (K, n): nibble slots of each input column
+    found = digits[0] + 16 * digits[1]
+    return found if torch.equal(found.sort().values, rows) else None
+
+
+@functools.cache
+def cpu_block_rows() -> int:
+    """Output rows per block of the CPU int4 kernel's order (the largest one-block probe)."""
+    return max(n for n in (16, 32, 64, 128, 256) if _cpu_slot_rows(n) is not None)
+
+
+def to_cpu_order(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes -> (N, K/2) uint8 in the order torch's CPU int4 kernel reads."""
+    return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+
+
+def from_cpu_order(packed: torch.Tensor) -> torch.Tensor:
+    """(R, K/2) uint8 rows in the CPU kernel's order (R whole blocks, the last one maybe
+    shorter, as in a whole weight) -> (R, K) uint8 codes."""
+    rows, K = packed.shape[0], packed.shape[1] * 2
+    block = cpu_block_rows()
+    full = rows - rows % block
+    parts = [_blocks_from_cpu_order(packed[:full], block, K)] if full else []
+    if rows > full:
+        parts.append(_blocks_from_cpu_order(packed[full:], rows - full, K))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _blocks_from_cpu_order(packed: torch.Tensor, n: int, K: int) -> torch.Tensor:
+    slots = _cpu_slot_rows(n)
+    if slots is None:
+        raise ValueError(f"blocks of {n} rows are not in the CPU int4 kernel's order")
+    nibbles = unpack_int4(packed.reshape(-1, K, n // 2))  # (blocks, K, n) by slot
+    by_row = nibbles.index_select(-1, slots.argsort())  # (blocks, K, n) by row
+    return by_row.transpose(1, 2).reshape(-1, K)
+
+
+# ----------------------------------------------------------------------------- the modules
+
+class QuantizedLinear(nn.Module):
+    """What Int8Linear and Int4Linear share: the choice of path per call, the tile path, the
+    bias, and re-preparing the kernel's layout whenever the module is moved, cast or loaded."""
+
+    bits: int
+    kernel: str | None = None
+    """Which kernel serves the module where it lives ("cpu", "cuda"), None for none."""
+
+    def _init(self, in_features: int, out_features: int, bias: bool, device, dtype) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None if not bias else nn.Parameter(
+            torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.path(x2) == "kernel":
+            y = self._kernel_product(x2.to(self.kernel_dtype).contiguous()).to(x.dtype)
+        else:
+            y = self._tiled_product(x2)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def path(self, x: torch.Tensor) -> str:
+        """"kernel" or "tiles" for this (M, K) input: the kernel while it has at most
+        kernel_max_rows rows and no gradient is wanted (the integer kernels have no backward)."""
+        use = (self.kernel is not None and x.shape[0] <= kernel_max_rows(self.bits, x.dtype)
+               and not (torch.is_grad_enabled() and x.requires_grad))
+        return "kernel" if use else "tiles"
+
+    def _tiled_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T by tiles of output rows, each dequantized in x's dtype. A tile has as many
+        rows as x, or as the weight has inputs if that is more (rounded up to the codes' row
+        alignment): its float copy is no larger than x or one K x K square, each product is
+        about square, and a few-row x (without a kernel) is not split into many tiny products."""
+        align = self._row_align()
+        tile = -(-max(x.shape[0], self.in_features) // align) * align
+        return torch.cat([F.linear(x, self.dequantize_rows(r, min(r + tile, self.out_features), x.dtype))
+                          for r in range(0, self.out_features, tile)], dim=-1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (N, K) float weight these codes stand for."""
+        return self.dequantize_rows(0, self.out_features, dtype)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain path: F.linear on the whole dequantized weight, in fp32, cast to x's dtype."""
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.dequantize(), bias).to(x.dtype)
+
+    def _row_align(self) -> int:
+        return 1
+
+    def _set_bias(self, bias: torch.Tensor | None) -> None:
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().to(self.scales.dtype), requires_grad=False)
+
+    def prepare(self) -> None:
+        """Choose the kernel for the device the module is on and lay its tensors out for it."""
+
+    def unprepare(self) -> None:
+        """Back to the file's layout (before a move, a cast or a load)."""
+
+    def _apply(self, fn, recurse: bool = True):
+        self.unprepare()
+        super()._apply(fn, recurse)
+        self.prepare()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        self.unprepare()
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self.prepare()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, kernel={self.kernel}")
+
+
+class Int8Linear(QuantizedLinear):
+    """y = x @ (q * scale).T + bias, int8 codes per output channel; torch._weight_int8pack_mm
+    reads the codes as they are stored, so there is nothing to prepare but the choice."""
+
+    bits = 8
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self._init(in_features, out_features, bias, device, dtype)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+        self.prepare()
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor,
+                   bias: torch.Tensor | None) -> Int8Linear:
+        """From (N, K) int8 codes and (N,) scales (the module takes these tensors)."""
+        with torch.device("meta"):
+            m = cls(codes.shape[1], codes.shape[0], bias is not None, dtype=scales.dtype)
+        m.qweight, m.scales = codes.to(torch.int8), scales
+        m._set_bias(bias)
+        m.prepare()
+        return m
+
+    @property
+    def kernel_dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    def prepare(self) -> None:
+        device = self.qweight.device
+        if device.type == "meta":
+            return
+        self.kernel = device.type if has_kernel("_weight_int8pack_mm", device) else None
+        if self.kernel is None:
+            _warn_reference("Int8Linear", device, "torch has no int8 weight-only kernel there")
+
+    def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, self.qweight, self.scales)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.qweight[start:stop].to(dtype) * self.scales[start:stop, None].to(dtype)
+
+
+class Int4Linear(QuantizedLinear):
+    """y = x @ ((q - 8) * scale + zero).T + bias, int4 codes with a scale and a zero per group
+    of `group_size` inputs (see the module docstring for the layouts)."""
+
+    bits = 4
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 128,
+                 bias: bool = True, device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if group_size not in INT4_GROUP_SIZES or in_features % group_size:
+            raise ValueError(f"group_size={group_size} for a linear of {in_features} inputs: "
+                             f"choose one of {INT4_GROUP_SIZES} that divides {in_features}")
+        self._init(in_features, out_features, bias, device, dtype)
+        self.group_size = group_size
+        self.order = "rows"
+        """How qweight holds the codes: "rows" (the file's) or "cpu" (the CPU kernel's)."""
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=dtype, device=device))
+        # made by prepare(), not in the state_dict: (K/G, N, 2) scales and zeros side by side as
+        # the kernels read them; the CUDA kernel's copy of the codes (on CPU qweight is reordered)
+        self.register_buffer("kernel_scales", None, persistent=False)
+        self.register_buffer("kernel_weight", None, persistent=False)
+        self.prepare()
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   bias: torch.Tensor | None, group_size: int) -> Int4Linear:
+        """From (N, K) codes in [0, 15] and (N, K/G) scales and zeros."""
+        with torch.device("meta"):
+            m = cls(codes.shape[1], codes.shape[0], group_size, bias is not None, dtype=scales.dtype)
+        m.qweight, m.scales, m.zeros = pack_int4(codes), scales, zeros.to(scales.dtype)
+        m._set_bias(bias)
+        m.prepare()
+        return m
+
+    @property
+    def kernel_dtype(self) -> torch.dtype:
+        return self.kernel_scales.dtype
+
+    def codes(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(rows, K) uint8 codes of output rows [start, stop), whatever order qweight holds
+        (in the CPU kernel's order, start and stop must fall on its blocks of rows)."""
+        packed = self.qweight[start:stop]
+        if self.order == "rows":
+            return unpack_int4(packed)
+        block, stop = cpu_block_rows(), self.out_features if stop is None else stop
+        if start % block or stop % block and stop != self.out_features:
+            raise ValueError(f"rows [{start}, {stop}) cut the CPU kernel's blocks of {block} rows")
+        return from_cpu_order(packed)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        codes = self.codes(start, stop).unflatten(-1, (-1, self.group_size))  # (rows, K/G, G)
+        scales = self.scales[start:stop, :, None].to(dtype)
+        zeros = self.zeros[start:stop, :, None].to(dtype)
+        return ((codes.to(dtype) - 8) * scales + zeros).flatten(-2)
+
+    def _row_align(self) -> int:
+        return cpu_block_rows() if self.order == "cpu" else 1
+
+    # ------------------------------------------------------------------------- kernel layouts
+
+    def prepare(self) -> None:
+        self.unprepare()
+        device = self.qweight.device
+        if device.type == "meta":
+            return
+        why = self._no_kernel_reason(device)
+        if why is not None:
+            _warn_reference("Int4Linear", device, why)
+            return
+        dtype = torch.bfloat16 if device.type == "cuda" else self.scales.dtype
+        self.kernel_scales = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(dtype).contiguous()
+        codes = unpack_int4(self.qweight)
+        if device.type == "cuda":
+            self.kernel_weight = _to_cuda_order(codes)
+        else:
+            reordered = to_cpu_order(codes)
+            if not torch.equal(from_cpu_order(reordered), codes):
+                self.kernel_scales = None
+                _warn_reference("Int4Linear", device, "the CPU kernel's code order is not the one "
+                                "lmstack reads (a torch it was not written for?)")
+                return
+            self.qweight, self.order = reordered, "cpu"
+        self.kernel = device.type
+
+    def _no_kernel_reason(self, device: torch.device) -> str | None:
+        op = "_weight_int4pack_mm_for_cpu" if device.type == "cpu" else "_weight_int4pack_mm"
+        if device.type not in ("cpu", "cuda") or not has_kernel(op, device):
+            return "torch has no int4 weight-only kernel there"
+        if self.out_features % INT4_MIN_ROW_BLOCK:
+            return f"its kernel needs outputs in multiples of {INT4_MIN_ROW_BLOCK}"
+        return None
+
+    def unprepare(self) -> None:
+        if self.order == "cpu":
+            self.qweight, self.order = pack_int4(from_cpu_order(self.qweight)), "rows"
+        self.kernel, self.kernel_scales, self.kernel_weight = None, None, None
+
+    def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "cuda":
+            return torch._weight_int4pack_mm(x, self.kernel_weight, self.group_size, self.kernel_scales)
+        return torch._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.kernel_scales)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.order == "cpu":  # the file always holds the codes packed along the inputs
+            destination[prefix + "qweight"] = pack_int4(self.codes())
+
+
+def _to_cuda_order(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes -> the CUDA int4 kernel's tiles; its converter takes two codes a byte, the
+    earlier input in the high nibble, and inner k-tiles of 16 inputs (8, 4 or 2 of them)."""
+    K = codes.shape[1]
+    inner = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
+    pairs = codes.to(torch.uint8).unflatten(-1, (-1, 2))
+    return torch._convert_weight_to_int4pack((pairs[..., 0] << 4) | pairs[..., 1], inner)

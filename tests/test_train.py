@@ -245,6 +245,18 @@ def test_train_step_with_grad_accum_reports_the_big_batch_loss():
     assert accum.losses[0] == pytest.approx(single.losses[0], rel=1e-5)
 
 
+def test_fused_projections_train_like_separate_ones():
+    """fused_projections swaps kernels.FUSED in: the same losses step by step, the same
+    parameter names, and q/k/v run as one product."""
+    cfg = dict(max_steps=3, batch_size=2, seq_len=16, eval=EvalConfig(every=0))
+    plain, fused = tiny_model(), tiny_model()
+    a = train(plain, ListSource(masked_batches()), quiet_config(**cfg))
+    b = train(fused, ListSource(masked_batches()), quiet_config(fused_projections=True, **cfg))
+    assert b.losses == pytest.approx(a.losses, rel=1e-5)
+    assert type(fused.layers[0].self_attn.qkv).__name__ == "FusedFanout"
+    assert list(fused.state_dict()) == list(plain.state_dict())
+
+
 # ----------------------------------------------------------------------------- golden curve
 
 def test_golden_loss_curve():

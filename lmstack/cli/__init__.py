@@ -16,6 +16,7 @@ COMMANDS = {
     "pretrain": "train a model from scratch on prepared shards",
     "sample": "generate text from a checkpoint",
     "generate": "run the batched inference engine on prompts",
+    "quantize": "quantize a model's weights to int8 / int4 (RTN or GPTQ) into a new directory",
     "demo": "prepare the built-in corpus, pretrain a small model and sample from it",
 }
 

@@ -212,6 +212,11 @@ def hessians(model: nn.Module, stage: nn.Module, linears: list[nn.Linear],
     finally:
         for h in hooks:
             h.remove()
+    unseen = [m for m in linears if not found[m].any()]
+    if unseen:
+        raise ValueError(f"{len(unseen)} linears never ran as modules during calibration (a packed "
+                         "or fused fanout runs them as one product): quantize the model before "
+                         "kernels are swapped in")
     return found
 
 

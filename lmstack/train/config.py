@@ -148,10 +148,10 @@ class TrainConfig:
     """torch.compile each Transformer block, and the default loss (its cross-entropy)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them."""
-    fused_projections: bool = True
+    fused_projections: bool = False
     """Run q/k/v, and gate/up, as one product each (lmstack.kernels.FUSED, over the weights
     concatenated): fewer, larger matmuls forward and backward; parameters and checkpoints are
-    unchanged."""
+    unchanged. Off by default: on CPU it measured within the noise (docs/performance.md)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)

@@ -90,16 +90,19 @@ def chosen_path(llm: LLM) -> str:
 
 
 def measure(model: Transformer, count: int, args) -> dict[str, tuple[float, str]]:
+    """Every path's best rate, all engines built first and timed in turns: a path measured
+    last in a process that already holds other paths' compiled code ran slower."""
     prompts = [list(range(1 + i, 17 + i)) for i in range(count)]
-    out = {}
-    for path in args.paths:
-        llm = LLM(model, max_num_seqs=count, num_blocks=8 * count, compile_cache=CompileCache(),
-                  enable_prefix_caching=False, **PATHS[path])
+    llms = {path: LLM(model, max_num_seqs=count, num_blocks=8 * count, compile_cache=CompileCache(),
+                      enable_prefix_caching=False, **PATHS[path]) for path in args.paths}
+    for llm in llms.values():
         decode_rate(llm, prompts, args.tokens)  # warm up: compiles, and runs the probes
-        rate = max(decode_rate(llm, prompts, args.tokens) for _ in range(args.rounds))
-        out[path] = (rate, chosen_path(llm) if path == "chosen" else "")
-        del llm
-    return out
+    rates = dict.fromkeys(llms, 0.0)
+    for _ in range(args.rounds):
+        for path, llm in llms.items():
+            rates[path] = max(rates[path], decode_rate(llm, prompts, args.tokens))
+    return {path: (rate, chosen_path(llms[path]) if path == "chosen" else "")
+            for path, rate in rates.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,9 @@ engine serving them, reduced quality bounds, bad input, and the `lmstack quantiz
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -45,9 +47,9 @@ def quantized_linear(kind: str, n_out: int, n_in: int, dtype: torch.dtype):
     return rtn_int8(linear) if kind == "int8" else rtn_int4(linear, int(kind.split("g")[1]))
 
 
-def tiny(seed: int = 0, **overrides) -> Transformer:
+def tiny(seed: int = 0, init_std: float = 0.1, **overrides) -> Transformer:
     """tiny-llama with a wide init: spread logits make greedy ties far rarer than fp noise."""
-    config = ModelConfig.from_preset("tiny-llama", init_std=0.1, **overrides)
+    config = ModelConfig.from_preset("tiny-llama", init_std=init_std, **overrides)
     return Transformer.build(config, seed=seed).eval()
 
 
@@ -295,35 +297,75 @@ def test_speculative_decoding_with_a_quantized_draft_keeps_the_targets_tokens(in
     assert got == reference_tokens(int4_dir)
 
 
+def compiled_run(directory) -> tuple[list[list[int]], list[str]]:
+    """Greedy tokens of compiled decode, and the warnings of steps that fell back to eager."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        llm = LLM(directory, compile=True, compile_probe_steps=0)
+        got = [out.token_ids for out in llm.generate(PROMPTS, GREEDY)]
+    return got, [str(w.message) for w in caught if "compiled decode" in str(w.message)]
+
+
 @pytest.mark.slow
-def test_compiled_decode_of_a_quantized_model_keeps_the_tokens(int4_dir):
-    llm = LLM(int4_dir, compile=True, compile_probe_steps=0)
-    got = [out.token_ids for out in llm.generate(PROMPTS, GREEDY)]
+def test_compiled_decode_of_an_int8_model_compiles_and_keeps_the_tokens(tmp_path):
+    directory = save_quantized(quantized("int8"), tmp_path / "q")
+    got, fell_back = compiled_run(directory)
+    assert got == reference_tokens(directory) and fell_back == []
+
+
+@pytest.mark.slow
+def test_compiled_decode_of_an_int4_model_keeps_the_tokens(int4_dir):
+    got, _ = compiled_run(int4_dir)
     assert got == reference_tokens(int4_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="compiled.CPU_FROZEN lets inductor choose only its CPP GEMM "
+                   "backend, which has no choice for the int4 kernel on AVX2; ATEN,CPP compiles it")
+def test_compiled_decode_of_an_int4_model_does_not_fall_back_to_eager(int4_dir):
+    assert compiled_run(int4_dir)[1] == []
 
 
 # ----------------------------------------------------------------------------- quality (reduced)
 
-def test_quantized_perplexity_stays_close_to_float():
-    """On text the float model itself samples, int8 stays within 1% of its perplexity and int4
-    (groups of 32) within a loose bound, int4 further off than int8."""
-    float_model = tiny(init_std=0.05)
-    texts = torch.tensor(generate(float_model, [[1]] * 8, 40, temperature=1.0, seed=0))
-    tokens = torch.cat([torch.ones(8, 1, dtype=torch.long), texts], 1)
+def markov_batches(n: int, T: int, g: torch.Generator, successors: torch.Tensor) -> torch.Tensor:
+    """(n, T) token sequences of a chain in which each token has a few possible successors."""
+    x = torch.empty(n, T, dtype=torch.long)
+    x[:, 0] = torch.randint(0, 256, (n,), generator=g)
+    for t in range(1, T):
+        x[:, t] = successors[x[:, t - 1], torch.randint(0, successors.shape[1], (n,), generator=g)]
+    return x
 
-    def perplexity(model):
+
+def test_quantized_perplexity_of_a_trained_model_stays_close_to_float():
+    """A tiny model trained a few steps on a 4-successor Markov chain; on held-out sequences
+    int8 stays within 1% of its perplexity and int4 (groups of 32) within 5%, further than int8."""
+    g = torch.Generator().manual_seed(0)
+    successors = torch.randint(0, 256, (256, 4), generator=g)
+    model = tiny(init_std=0.02).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        x = markov_batches(8, 33, g, successors)
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    val = markov_batches(16, 65, g, successors)
+
+    def perplexity(m):
         with torch.no_grad():
-            logits = model(tokens[:, :-1])
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).exp().item()
+            logits = m.eval()(val[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), val[:, 1:].flatten()).exp().item()
 
-    base = perplexity(float_model)
+    base = perplexity(model)
+    assert base < 20  # learned (uniform would be 256): quantization error shows in perplexity
     ratio = {}
     for method in ("int8", "int4"):
-        model = tiny(init_std=0.05)
-        quantize_(model, method, group_size=32, progress=False)
-        ratio[method] = perplexity(model) / base
-    assert abs(ratio["int8"] - 1) < 0.01, ratio
-    assert ratio["int4"] < 1.10 and abs(ratio["int4"] - 1) > abs(ratio["int8"] - 1), ratio
+        quantized_model = copy.deepcopy(model)
+        quantize_(quantized_model, method, group_size=32, progress=False)
+        ratio[method] = perplexity(quantized_model) / base
+    assert abs(ratio["int8"] - 1) < 0.01 and abs(ratio["int4"] - 1) < 0.05, ratio
+    assert abs(ratio["int4"] - 1) > abs(ratio["int8"] - 1), ratio
 
 
 # ----------------------------------------------------------------------------- the command
@@ -334,7 +376,7 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     text = "the quick brown fox jumps over the lazy dog. " * 80
     tokenizer = Tokenizer.train([text], vocab_size=300)
-    model = tiny(vocab_size=320)
+    model = tiny(vocab_size=tokenizer.vocab_size)
     directory = root / "model"
     directory.mkdir()
     model.config.save(directory / "config.json")

@@ -156,9 +156,9 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, bloc
         errors = torch.zeros(N, stop - start, device=W.device)
         for j in range(start, stop):
             if j % group_size == 0:
-                g = j // group_size
+                g = slice(j // group_size, j // group_size + 1)
                 scales[:, g], zeros[:, g] = group_grid(W[:, None, j:j + group_size], dtype)
-                scales_g, zeros_g = scales[:, g:g + 1], zeros[:, g:g + 1]
+                scales_g, zeros_g = scales[:, g], zeros[:, g]  # (N, 1)
             codes[:, j] = int4_codes(W[:, j:j + 1, None], scales_g, zeros_g)[:, 0, 0]
             error = (W[:, j] - dequantize_int4(codes[:, j:j + 1, None], scales_g, zeros_g)[:, 0, 0]) / U[j, j]
             W[:, j:stop] -= error[:, None] * U[j, j:stop][None]

@@ -17,24 +17,29 @@ Products run on the integer kernels torch ships, where the device has one (`has_
 `torch._weight_int8pack_mm`, and `torch._weight_int4pack_mm_for_cpu` (CPU) or
 `torch._weight_int4pack_mm` (CUDA) on the codes reordered for them when the module is loaded or
 moved (`prepare`). On CPU the reordered codes replace the file's order in memory (one copy; the
-state_dict is written in the file's order again); on CUDA they are a second copy. Activations
-may be any float dtype: they are cast to the dtype the kernel was prepared for and back.
+state_dict is written in the file's order again); on CUDA they are a second copy. The kernels
+compute in bf16 (`KERNEL_DTYPE`): activations of other dtypes are cast in and out (eagerly;
+compiled graphs keep x's dtype).
 Without a kernel a module warns once and runs the tile path below on every call.
 
-Many rows (prefill) do not go to the kernels: they read the whole packed weight once per block
-of `KERNEL_ROW_BLOCK` rows of x. Above `kernel_max_rows` rows the weight is dequantized tile by
-tile (blocks of output rows) and multiplied by F.linear, so the float weight never exists whole.
+Many rows (prefill) do not go to the kernels, which read and dequantize the whole packed weight
+once per `KERNEL_ROW_BLOCK` rows of x. Above `max_kernel_rows` rows (a rule, measured once per
+process: `measure_max_kernel_rows`) the weight is dequantized tile by tile (blocks of output
+rows) and multiplied by F.linear, so the float weight never exists whole.
 `dequantize()` and `reference()` are the plain path the tests compare against.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmstack.model.cpu import NATIVE_CPU_BF16
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 """Group sizes torch's int4 kernels accept."""
@@ -42,20 +47,56 @@ INT4_GROUP_SIZES = (32, 64, 128, 256)
 KERNEL_ROW_BLOCK = 4
 """Rows of x that ATen's CPU int8 / int4 kernels compute per pass over the packed weight."""
 
+KERNEL_DTYPE = torch.bfloat16
+"""What the kernels compute in: their fast (vectorized) paths are bf16; their fp32 ones are scalar."""
+
 INT4_MIN_ROW_BLOCK = 16
 """The int4 kernels take output rows in blocks of 16 (N must be a multiple of it)."""
 
 
-def kernel_max_rows(bits: int, dtype: torch.dtype) -> int:
-    """The most rows of x the integer kernel runs; more are dequantized tile by tile.
+_MAX_KERNEL_ROWS: dict[tuple[type, str], int] = {}
+"""measure_max_kernel_rows' result per (module type, device type), measured once per process."""
 
-    The rule: the kernel re-reads the packed weight (bits per weight) once per
-    KERNEL_ROW_BLOCK rows, while the tile path reads it once and writes and reads a float
-    copy of each tile (2 x the float dtype's bits); the kernel is kept while its reads cost
-    no more. Reason: decode (few rows) is bound by reading weights, where the kernels win, and
-    prefill must not pay a weight read per 4 rows.
+
+def measure_max_kernel_rows(m: QuantizedLinear) -> int:
+    """The most rows of x the kernel runs for modules of m's type on m's device; more rows are
+    dequantized tile by tile.
+
+    The rule: the kernel reads and dequantizes the whole weight once per KERNEL_ROW_BLOCK rows,
+    the tile path once per call (then a dense product, which both paths pay for in some form),
+    so the kernel is kept while ceil(rows / KERNEL_ROW_BLOCK) one-row kernel calls cost less
+    than one dequantization. The ratio of the two depends on the CPU (how fast it runs dense
+    bf16 or fp32 products, the int4 unpacking), so it is timed once, on the first module
+    prepared there; it does not depend much on the weight's shape (both scale with N x K).
     """
-    return KERNEL_ROW_BLOCK * (1 + 2 * torch.finfo(dtype).bits // bits)
+    key = (type(m), m.qweight.device.type)
+    if key not in _MAX_KERNEL_ROWS:
+        x = torch.randn(1, m.in_features, dtype=KERNEL_DTYPE, device=m.qweight.device)
+        one_row = _best_time(lambda: m._kernel_product(x), m.qweight.device)
+        dtype = tile_dtype(KERNEL_DTYPE, m.qweight.device)
+        dequantize = _best_time(lambda: m.dequantize_rows(0, m.out_features, dtype), m.qweight.device)
+        _MAX_KERNEL_ROWS[key] = KERNEL_ROW_BLOCK * max(1, int(dequantize / one_row))
+    return _MAX_KERNEL_ROWS[key]
+
+
+def _best_time(run, device: torch.device, repeats: int = 3) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def tile_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """What the tile path computes in: x's dtype, except fp32 for bf16 / fp16 on a CPU without
+    native bf16 instructions, where those products are emulated and several times slower."""
+    emulated = device.type == "cpu" and not NATIVE_CPU_BF16 and dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if emulated else dtype
 
 
 def has_kernel(op: str, device: torch.device) -> bool:
@@ -122,8 +163,7 @@ def _blocks_from_cpu_order(packed: torch.Tensor, n: int, K: int) -> torch.Tensor
     if slots is None:
         raise ValueError(f"blocks of {n} rows are not in the CPU int4 kernel's order")
     nibbles = unpack_int4(packed.reshape(-1, K, n // 2))  # (blocks, K, n) by slot
-    by_row = nibbles.index_select(-1, slots.argsort())  # (blocks, K, n) by row
-    return by_row.transpose(1, 2).reshape(-1, K)
+    return nibbles.transpose(1, 2)[:, slots.argsort()].reshape(-1, K)  # (blocks * n, K) by row
 
 
 # ----------------------------------------------------------------------------- the modules
@@ -135,6 +175,8 @@ class QuantizedLinear(nn.Module):
     bits: int
     kernel: str | None = None
     """Which kernel serves the module where it lives ("cpu", "cuda"), None for none."""
+    max_kernel_rows: int = 0
+    """Inputs of more rows run the tile path (set by prepare: measure_max_kernel_rows)."""
 
     def _init(self, in_features: int, out_features: int, bias: bool, device, dtype) -> None:
         self.in_features, self.out_features = in_features, out_features
@@ -144,16 +186,20 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if self.path(x2) == "kernel":
-            y = self._kernel_product(x2.to(self.kernel_dtype).contiguous()).to(x.dtype)
+            # traced code keeps x's dtype: inductor writes its own kernels for these products,
+            # and its CPU flex-attention template takes no cast as an epilogue
+            dtype = x.dtype if torch.compiler.is_compiling() else KERNEL_DTYPE
+            y = self._kernel_product(x2.to(dtype).contiguous())
         else:
-            y = self._tiled_product(x2)
+            y = self._tiled_product(x2.to(tile_dtype(x.dtype, x.device)))
+        y = y.to(x.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def path(self, x: torch.Tensor) -> str:
         """"kernel" or "tiles" for this (M, K) input: the kernel while it has at most
-        kernel_max_rows rows and no gradient is wanted (the integer kernels have no backward)."""
-        use = (self.kernel is not None and x.shape[0] <= kernel_max_rows(self.bits, x.dtype)
+        max_kernel_rows rows and no gradient is wanted (the integer kernels have no backward)."""
+        use = (self.kernel is not None and x.shape[0] <= self.max_kernel_rows
                and not (torch.is_grad_enabled() and x.requires_grad))
         return "kernel" if use else "tiles"
 
@@ -217,6 +263,7 @@ class Int8Linear(QuantizedLinear):
         self._init(in_features, out_features, bias, device, dtype)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+        self.register_buffer("kernel_scales", None, persistent=False)  # in KERNEL_DTYPE
         self.prepare()
 
     @classmethod
@@ -230,20 +277,22 @@ class Int8Linear(QuantizedLinear):
         m.prepare()
         return m
 
-    @property
-    def kernel_dtype(self) -> torch.dtype:
-        return self.scales.dtype
-
     def prepare(self) -> None:
+        self.unprepare()
         device = self.qweight.device
         if device.type == "meta":
             return
-        self.kernel = device.type if has_kernel("_weight_int8pack_mm", device) else None
-        if self.kernel is None:
+        if not has_kernel("_weight_int8pack_mm", device):
             _warn_reference("Int8Linear", device, "torch has no int8 weight-only kernel there")
+            return
+        self.kernel_scales, self.kernel = self.scales.to(KERNEL_DTYPE), device.type
+        self.max_kernel_rows = measure_max_kernel_rows(self)
+
+    def unprepare(self) -> None:
+        self.kernel, self.kernel_scales = None, None
 
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x, self.qweight, self.scales)
+        return torch._weight_int8pack_mm(x, self.qweight, self.kernel_scales.to(x.dtype))
 
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         return self.qweight[start:stop].to(dtype) * self.scales[start:stop, None].to(dtype)
@@ -286,10 +335,6 @@ class Int4Linear(QuantizedLinear):
         m.prepare()
         return m
 
-    @property
-    def kernel_dtype(self) -> torch.dtype:
-        return self.kernel_scales.dtype
-
     def codes(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """(rows, K) uint8 codes of output rows [start, stop), whatever order qweight holds
         (in the CPU kernel's order, start and stop must fall on its blocks of rows)."""
@@ -304,8 +349,8 @@ class Int4Linear(QuantizedLinear):
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         codes = self.codes(start, stop).unflatten(-1, (-1, self.group_size))  # (rows, K/G, G)
         scales = self.scales[start:stop, :, None].to(dtype)
-        zeros = self.zeros[start:stop, :, None].to(dtype)
-        return ((codes.to(dtype) - 8) * scales + zeros).flatten(-2)
+        offsets = self.zeros[start:stop, :, None].to(dtype) - 8 * scales  # the value of code 0
+        return torch.addcmul(offsets, codes.to(dtype), scales).flatten(-2)
 
     def _row_align(self) -> int:
         return cpu_block_rows() if self.order == "cpu" else 1
@@ -321,8 +366,7 @@ class Int4Linear(QuantizedLinear):
         if why is not None:
             _warn_reference("Int4Linear", device, why)
             return
-        dtype = torch.bfloat16 if device.type == "cuda" else self.scales.dtype
-        self.kernel_scales = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(dtype).contiguous()
+        self.kernel_scales = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).to(KERNEL_DTYPE).contiguous()
         codes = unpack_int4(self.qweight)
         if device.type == "cuda":
             self.kernel_weight = _to_cuda_order(codes)
@@ -335,6 +379,7 @@ class Int4Linear(QuantizedLinear):
                 return
             self.qweight, self.order = reordered, "cpu"
         self.kernel = device.type
+        self.max_kernel_rows = measure_max_kernel_rows(self)
 
     def _no_kernel_reason(self, device: torch.device) -> str | None:
         op = "_weight_int4pack_mm_for_cpu" if device.type == "cpu" else "_weight_int4pack_mm"
@@ -352,7 +397,8 @@ class Int4Linear(QuantizedLinear):
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "cuda":
             return torch._weight_int4pack_mm(x, self.kernel_weight, self.group_size, self.kernel_scales)
-        return torch._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.kernel_scales)
+        scales = self.kernel_scales.to(x.dtype)
+        return torch._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, scales)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)

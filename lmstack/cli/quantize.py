@@ -10,7 +10,7 @@ checkpoint). --calibration (read by gptq-int4 only) is a prepared shards directo
 prepare`; its train split) or a text file, tokenized with MODEL's tokenizer. OUT holds the
 quantized weights, config.json and the tokenizer; `lmstack generate OUT`, `lmstack sample OUT`
 and `LLM(OUT)` load it. Reports resident weight bytes before and after, the peak memory of this
-process, and that of loading OUT in a fresh one.
+process, and how much loading MODEL and OUT raises the peak memory of a fresh process.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def quantize(model_path: str, args: QuantizeArgs) -> Path:
     print(f"resident weights: {_mib(before)} -> {_mib(after)} ({after / before:.2f}x)")
     print(f"peak RSS of this process (float model loaded and quantized): {_mib(_peak_rss())}")
     if args.measure_load:
-        print(_loading_report(out, args.device))
+        print(_loading_report(directory, out, args.device))
     print(f"wrote {out}")
     return out
 
@@ -144,24 +144,35 @@ def _peak_rss() -> int:
 
 
 LOAD = """
-import resource, sys
+import sys
+from pathlib import Path
 from lmstack.infer.loading import load_model
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):  # bytes, from Linux's /proc/self/status (kB)
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith(key))) * 1024
+before = status("VmRSS:")
+Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) counts from here on
 load_model(sys.argv[1], sys.argv[2])
-print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(before, status("VmHWM:"))
 """
 
 
-def _loading_report(out: Path, device: str) -> str:
-    """Peak memory of loading `out` in a fresh process, against that process after its imports."""
-    done = subprocess.run([sys.executable, "-c", LOAD, str(out), device], capture_output=True,
+def _loading_report(source: Path, out: Path, device: str) -> str:
+    """How far loading raises the peak memory of a fresh process, for the float model and for
+    the quantized one (Linux: read from /proc; getrusage in a child would count what its
+    parent held)."""
+    if not Path("/proc/self/clear_refs").exists():
+        return "peak memory of loading: not measured (needs Linux's /proc)"
+    rises = [_mib(_loading_rise(path, device)) for path in (source, out)]
+    return f"peak memory of loading in a fresh process: float {rises[0]}, quantized {rises[1]}"
+
+
+def _loading_rise(path: Path, device: str) -> int:
+    done = subprocess.run([sys.executable, "-c", LOAD, str(path), device], capture_output=True,
                           text=True, check=False)
     if done.returncode != 0:
-        raise ValueError(f"loading {out} back failed:\n{done.stderr.strip()[-2000:]}")
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
-    before, peak = (int(n) * scale for n in done.stdout.split())
-    return (f"loading {out} in a fresh process: peak RSS {_mib(peak)} "
-            f"({_mib(peak - before)} above the {_mib(before)} of its imports)")
+        raise ValueError(f"loading {path} in a fresh process failed:\n{done.stderr.strip()[-2000:]}")
+    before, peak = map(int, done.stdout.split())
+    return peak - before
 
 
 def _mib(n: int) -> str:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from lmstack.kernels import QUANTIZED_LINEARS, Int4Linear, Int8Linear, swap_linears
 from lmstack.kernels.packed import PLAIN_LINEARS
-from lmstack.kernels.quantized import INT4_GROUP_SIZES
+from lmstack.kernels.quantized import INT4_GROUP_SIZES, KERNEL_DTYPE
 
 METHODS = ("int8", "int4", "gptq-int4")
 
@@ -97,8 +97,8 @@ def _swap(module: nn.Module, replacements: dict[nn.Module, nn.Module]) -> None:
 def rtn_int8(linear: nn.Linear) -> Int8Linear:
     """Symmetric int8 per output channel: scale = max |w| / 127 (in the weight's dtype)."""
     w = linear.weight.detach().float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-    scales = scales.to(linear.weight.dtype)
+    scales = _grid_value((w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny),
+                         linear.weight.dtype)
     codes = (w / scales.float()[:, None]).round().clamp(-127, 127)
     return Int8Linear.from_codes(codes.to(torch.int8), scales, linear.bias)
 
@@ -107,9 +107,14 @@ def group_grid(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     """Scale and zero (each (N, groups), stored in dtype) of groups w (N, groups, G): the 16
     codes span each group's [min, max]; zero is the value of code 8."""
     low, high = w.amin(dim=-1), w.amax(dim=-1)
-    scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
-    zeros = (low + 8 * scales.float()).to(dtype)
-    return scales, zeros
+    scales = _grid_value(((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny), dtype)
+    return scales, _grid_value(low + 8 * scales.float(), dtype)
+
+
+def _grid_value(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t rounded to a number of the kernels' dtype (bf16), stored in dtype: the kernels then
+    compute with exactly the weights the file describes, whatever the model's dtype."""
+    return t.to(KERNEL_DTYPE).to(dtype)
 
 
 def int4_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:

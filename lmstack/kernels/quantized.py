@@ -6,12 +6,10 @@ scales as buffers, so a state_dict holds, under the linear's own name,
     <name>.scales   (N,) one per output channel       | (N, K/G) one per group of G inputs
     <name>.zeros                                      | (N, K/G)
     <name>.bias     as nn.Linear's, if it has one
-(N outputs, K inputs, G the group size). The weights they stand for:
-- `Int8Linear`: w = q * scale, q in [-127, 127] (symmetric);
-- `Int4Linear`: w = (q - 8) * scale + zero, q in [0, 15] (asymmetric: `zero` is the value of
-  code 8). This is the convention of torch's int4 kernels, so they compute exactly these weights.
-In the file, the int4 codes of row n are packed along the inputs: byte j holds the codes of
-inputs 2j (low nibble) and 2j + 1 (high nibble), on every device.
+(N outputs, K inputs, G the group size). `Int8Linear`: w = q * scale, q in [-127, 127].
+`Int4Linear`: w = (q - 8) * scale + zero, q in [0, 15], `zero` the value of code 8 (the
+convention of torch's int4 kernels); in the file byte j of a row holds the codes of inputs 2j
+(low nibble) and 2j + 1 (high nibble).
 
 Products run on the integer kernels torch ships, where the device has one (`has_kernel`):
 `torch._weight_int8pack_mm`, and `torch._weight_int4pack_mm_for_cpu` (CPU) or
@@ -19,7 +17,7 @@ Products run on the integer kernels torch ships, where the device has one (`has_
 moved (`prepare`). On CPU the reordered codes replace the file's order in memory (one copy; the
 state_dict is written in the file's order again); on CUDA they are a second copy. The kernels
 compute in bf16 (`KERNEL_DTYPE`): activations of other dtypes are cast in and out (eagerly;
-compiled graphs keep x's dtype).
+compiled graphs keep x's dtype), and the tile path rounds the same way.
 Without a kernel a module warns once and runs the tile path below on every call.
 
 Many rows (prefill) do not go to the kernels, which read and dequantize the whole packed weight
@@ -32,7 +30,7 @@ rows) and multiplied by F.linear, so the float weight never exists whole.
 from __future__ import annotations
 
 import functools
-import time
+import timeit
 import warnings
 
 import torch
@@ -54,8 +52,7 @@ INT4_MIN_ROW_BLOCK = 16
 """The int4 kernels take output rows in blocks of 16 (N must be a multiple of it)."""
 
 
-_MAX_KERNEL_ROWS: dict[tuple[type, str], int] = {}
-"""measure_max_kernel_rows' result per (module type, device type), measured once per process."""
+_MAX_KERNEL_ROWS: dict[tuple[type, str], int] = {}  # by (module type, device type), once per process
 
 
 def measure_max_kernel_rows(m: QuantizedLinear) -> int:
@@ -79,17 +76,14 @@ def measure_max_kernel_rows(m: QuantizedLinear) -> int:
     return _MAX_KERNEL_ROWS[key]
 
 
-def _best_time(run, device: torch.device, repeats: int = 3) -> float:
+def _best_time(run, device: torch.device) -> float:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    run()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
+
+    def timed():
         run()
         sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+    timed()  # warm-up
+    return min(timeit.repeat(timed, number=1, repeat=3))
 
 
 def tile_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -184,16 +178,18 @@ class QuantizedLinear(nn.Module):
             torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        # With a kernel, every path computes at its precision (bf16 in, fp32 sums, bf16 out), so
+        # a row's result does not depend on the path its call took. Traced code keeps x's dtype:
+        # inductor writes its own code for these products, and its CPU flex-attention template
+        # takes no cast as an epilogue.
+        eager_kernel = self.kernel is not None and not torch.compiler.is_compiling()
+        dtype = KERNEL_DTYPE if eager_kernel else x.dtype
+        x2 = x.reshape(-1, self.in_features).to(dtype)  # (M, K)
         if self.path(x2) == "kernel":
-            # traced code keeps x's dtype: inductor writes its own kernels for these products,
-            # and its CPU flex-attention template takes no cast as an epilogue
-            dtype = x.dtype if torch.compiler.is_compiling() else KERNEL_DTYPE
-            y = self._kernel_product(x2.to(dtype).contiguous())
+            y = self._kernel_product(x2.contiguous())
         else:
-            y = self._tiled_product(x2.to(tile_dtype(x.dtype, x.device)))
-        y = y.to(x.dtype)
-        y = y.view(*x.shape[:-1], self.out_features)
+            y = self._tiled_product(x2.to(tile_dtype(dtype, x.device))).to(dtype)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def path(self, x: torch.Tensor) -> str:
@@ -230,7 +226,7 @@ class QuantizedLinear(nn.Module):
             self.bias = nn.Parameter(bias.detach().to(self.scales.dtype), requires_grad=False)
 
     def prepare(self) -> None:
-        """Choose the kernel for the device the module is on and lay its tensors out for it."""
+        """Choose the kernel for the module's device and lay its tensors out for it."""
 
     def unprepare(self) -> None:
         """Back to the file's layout (before a move, a cast or a load)."""
@@ -407,8 +403,8 @@ class Int4Linear(QuantizedLinear):
 
 
 def _to_cuda_order(codes: torch.Tensor) -> torch.Tensor:
-    """(N, K) codes -> the CUDA int4 kernel's tiles; its converter takes two codes a byte, the
-    earlier input in the high nibble, and inner k-tiles of 16 inputs (8, 4 or 2 of them)."""
+    """(N, K) codes -> the CUDA int4 kernel's tiles (its converter takes two codes a byte, the
+    earlier input high, and inner k-tiles of 16 inputs)."""
     K = codes.shape[1]
     inner = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
     pairs = codes.to(torch.uint8).unflatten(-1, (-1, 2))

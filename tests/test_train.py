@@ -160,15 +160,15 @@ from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 import torch
 import test_train
-from lmstack.train import checkpoint
+from lmstack.model import weights
 torch.set_num_threads(1)
-real_fsync = checkpoint._fsync
+real_fsync = weights.fsync
 def slow_fsync(path):
     real_fsync(path)
     if path.parent.name.startswith(".tmp-step_00000004") and path.name == "model.safetensors":
         Path({str(marker)!r}).touch()
         time.sleep(300)  # killed here: model file written, the rest not
-checkpoint._fsync = slow_fsync
+weights.fsync = slow_fsync
 test_train.run({str(tmp_path)!r}, checkpoint=test_train.CheckpointConfig(every=2, keep_last=5))
 """
     proc = subprocess.Popen([sys.executable, "-c", child])

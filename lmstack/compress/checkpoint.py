@@ -24,6 +24,7 @@ from torch import nn
 
 from lmstack.kernels import QUANTIZED_LINEARS, Int4Linear, Int8Linear, swap_linears
 from lmstack.kernels.packed import PLAIN_LINEARS
+from lmstack.model import weights
 from lmstack.model.config import ModelConfig
 from lmstack.model.transformer import Transformer, rope_tables
 from lmstack.model.weights import CONFIG_FILE, MODEL_FILE, read_weights
@@ -64,28 +65,9 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None,
     if tokenizer is not None:
         tokenizer.save(tmp)
     for file in tmp.iterdir():
-        _fsync(file)
-    _replace_dir(tmp, out)
+        weights.fsync(file)
+    weights.replace_dir(tmp, out)
     return out
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename tmp to final; an existing final is moved aside first and removed after."""
-    old = final.with_name(f".old-{final.name}-{os.getpid()}") if final.exists() else None
-    if old is not None:
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync(final.parent)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 # ----------------------------------------------------------------------------- load

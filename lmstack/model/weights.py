@@ -6,6 +6,8 @@ and sampling load them with `load_model`. Hugging Face directories are `hf.py`'s
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -46,3 +48,26 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     model = Transformer.build(ModelConfig.load(path / CONFIG_FILE), device=device)
     load_weights(model, path / MODEL_FILE)
     return model.to(dtype or torch.float32).eval()
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished directory tmp to final atomically; an existing final (the same
+    checkpoint saved again) is moved aside first and removed after."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync(final.parent)  # make the rename itself durable
+    if old is not None:
+        shutil.rmtree(old)

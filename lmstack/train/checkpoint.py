@@ -63,9 +63,9 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module,
     ]
     for name, write in writers:
         write(tmp / name)
-        _fsync(tmp / name)
+        weights.fsync(tmp / name)
     final = root / f"step_{step:08d}"
-    _replace_dir(tmp, final)
+    weights.replace_dir(tmp, final)
     if keep_last is not None:
         prune_checkpoints(root, keep_last)
     return final
@@ -79,26 +79,6 @@ def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _model_config(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     return config.to_dict() if isinstance(config, ModelConfig) else {}
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename tmp to final; an existing final (same step saved again) is moved aside first."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync(final.parent)  # make the rename itself durable
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _remove_stale_tmp(root: Path) -> None:

@@ -3,16 +3,20 @@ stacked and fused fanouts, staleness of packed copies, and the model layer left 
 
 import copy
 import io
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import lmstack.model
 from lmstack.kernels import CPU_PACKED, FUSED, drop_copies, graph_view, packed, swap_linears
 from lmstack.model import ModelConfig, Transformer
+from lmstack.model.cpu import cpu_flags
 
 needs_mkldnn = pytest.mark.skipif(not packed.MKLDNN, reason="this torch build has no oneDNN")
 
@@ -219,6 +223,22 @@ def test_fused_fanout_trains_like_separate_projections(preset):
     plain.layers[0].self_attn.k_proj = Shifted(plain.layers[0].self_attn.k_proj)
     with torch.no_grad():  # a wrapper among the members: one by one again
         torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_model_layer_uses_no_private_torch_api():
+    """lmstack.model calls only public PyTorch: no torch.ops, no torch._*, no tensor._* methods."""
+    root = Path(lmstack.model.__file__).parent
+    private = re.compile(r"torch\.ops\.|torch\._\w|\.(_version|_base|_cdata|_typed_storage)\b")
+    found = [f"{path.name}:{i}: {line.strip()}" for path in sorted(root.glob("*.py"))
+             for i, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
+    assert not found, "\n".join(found)
+
+
+def test_cpu_flags_read_x86_and_arm_cpuinfo():
+    x86 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16\n"
+    arm = "processor\t: 0\nFeatures\t: fp asimd bf16 sve\n"
+    assert {"avx2", "amx_bf16"} <= cpu_flags(x86) and "bf16" in cpu_flags(arm)
+    assert cpu_flags("") == set()
 
 
 def test_importing_the_model_registers_no_ops_and_other_packages_write_no_model_state():

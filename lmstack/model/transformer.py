@@ -146,6 +146,17 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
+def document_mask(segment_ids: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:
+    """(B, 1, T, T) causal and block-diagonal boolean mask of packed rows (segment_ids (B, T)):
+    a query sees earlier keys of its own document only. SDPA takes it, with a CPU backward."""
+    i = torch.arange(segment_ids.shape[1], device=segment_ids.device)
+    allowed = i[None, :] <= i[:, None]  # (T, T): key <= query
+    if sliding_window is not None:
+        allowed = allowed & (i[:, None] - i[None, :] < sliding_window)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    return (allowed & same)[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -257,7 +268,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache=None, pad_mask: torch.Tensor | None = None,
-                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+                logits_index: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V).
 
         positions: (B, T) or (T,) absolute positions; default counts on from the cache length.
@@ -265,6 +277,9 @@ class Transformer(nn.Module):
         pad_mask: (B, T) True for real tokens; padding is hidden from every query.
         logits_index: (B, K) positions whose logits are wanted -> logits (B, K, V); an engine
             needs only each row's last token, and the head over every prefill token is costly.
+        segment_ids: (B, T) the document of each token of rows packed with several documents:
+            a token attends only to earlier tokens of its own document (pass positions that
+            restart at each document's first token too).
         """
         B, T = tokens.shape
         if positions is None:  # explicit positions are the caller's to keep in range
@@ -280,7 +295,7 @@ class Transformer(nn.Module):
         else:
             pos = positions.expand(B, T)
             rope = (self.rope_cos[pos][:, None].to(x.dtype), self.rope_sin[pos][:, None].to(x.dtype))
-        mask = self._mask(T, cache, pad_mask, tokens.device)
+        mask = self._mask(T, cache, pad_mask, tokens.device, segment_ids)
         for layer in self.layers:
             x = layer(x, rope, mask, cache)
         if cache is not None:
@@ -292,10 +307,14 @@ class Transformer(nn.Module):
             return self.tied_head(x, self.embed_tokens.weight)
         return self.lm_head(x)
 
-    def _mask(self, T: int, cache, pad_mask, device) -> torch.Tensor | None:
+    def _mask(self, T: int, cache, pad_mask, device, segment_ids) -> torch.Tensor | None:
+        window = self.config.sliding_window
+        if segment_ids is not None:
+            if cache is not None or pad_mask is not None:
+                raise ValueError("segment_ids is for one full pass: drop cache and pad_mask")
+            return document_mask(segment_ids, window)
         if cache is not None:
             return cache.mask(T, pad_mask)
-        window = self.config.sliding_window
         if pad_mask is None and (window is None or T <= window):
             return None  # plain causal: SDPA's fastest path
         if pad_mask is None:

@@ -1,7 +1,8 @@
 """Checkpoints: everything needed to continue a run exactly, written so a crash can't damage one.
 
 A checkpoint is a directory ROOT/step_00001000 holding
-  model.safetensors      the model's state_dict
+  model.safetensors      the model's state_dict; only its trainable parameters when some are
+                         frozen (LoRA: the base is named in trainer_state.json, not copied)
   optimizer.safetensors  AdamW's per-parameter tensors (exp_avg, exp_avg_sq, step)
   trainer_state.json     step, tokens, time, optimizer param groups, GradScaler state, RNG states
                          (python, numpy, torch CPU and CUDA), the data stream's position, the config
@@ -54,9 +55,11 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module,
     tmp = root / f".tmp-step_{step:08d}-{os.getpid()}"
     tmp.mkdir()
     opt_tensors, opt_meta = flatten_optimizer(optimizer)
-    state = {**trainer_state, "step": step, "optimizer": opt_meta}
+    weights_kept = model_state(model)
+    state = {**trainer_state, "step": step, "optimizer": opt_meta,
+             "weights": "all" if len(weights_kept) == len(model.state_dict()) else "trainable"}
     writers = [
-        (MODEL_FILE, lambda p: save_file(_plain_tensors(model.state_dict()), p)),
+        (MODEL_FILE, lambda p: save_file(_plain_tensors(weights_kept), p)),
         (OPTIMIZER_FILE, lambda p: save_file(opt_tensors, p)),
         (STATE_FILE, lambda p: p.write_text(json.dumps(state, indent=1, default=_to_json))),
         (CONFIG_FILE, lambda p: p.write_text(json.dumps(_model_config(model), indent=2))),
@@ -69,6 +72,15 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module,
     if keep_last is not None:
         prune_checkpoints(root, keep_last)
     return final
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of the model: its state_dict, or only its trainable parameters
+    when some are frozen (the frozen rest is the base the run started from)."""
+    state = model.state_dict(keep_vars=True)
+    if all(p.requires_grad for p in model.parameters()):
+        return state
+    return {k: v for k, v in state.items() if isinstance(v, nn.Parameter) and v.requires_grad}
 
 
 def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -206,7 +218,10 @@ def load_checkpoint(path: str | Path, model: nn.Module,
     """Load weights (and optimizer state) in place; return the trainer state for the loop."""
     path = Path(path)
     state = validate_checkpoint(path)
-    load_weights(model, path)
+    if state.get("weights") == "trainable":
+        load_trainable_weights(model, path)
+    else:
+        load_weights(model, path)
     if optimizer is not None:
         tensors = load_file(path / OPTIMIZER_FILE)
         optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
@@ -218,6 +233,22 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         weights.load_weights(model, Path(path) / MODEL_FILE)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
+
+
+def load_trainable_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint that holds only trainable parameters into a model built from its base
+    (with the same adapters applied); the names must be exactly the model's trainable ones."""
+    tensors = weights.read_weights(Path(path) / MODEL_FILE)
+    want = set(model_state(model))
+    if set(tensors) != want:
+        raise CheckpointError(
+            f"{path} holds trainable weights {_few(set(tensors) - want)} the model lacks and lacks "
+            f"{_few(want - set(tensors))}; resume with the LoRA settings the run started with")
+    model.load_state_dict(tensors, strict=False)
+
+
+def _few(names: set[str], limit: int = 6) -> list[str]:
+    return sorted(names)[:limit]
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> Transformer:

@@ -48,8 +48,10 @@ from lmstack.train.schedule import lr_multiplier, run_progress
 IGNORE_INDEX = -100
 CHECKPOINT_DIR = "checkpoints"
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (B, T) int64, targets (B, T) int64
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+# inputs (B, T) int64, targets (B, T) int64; rows packed with several documents add their
+# positions and segment_ids (B, T) (see Transformer.forward), which the loss_fn receives too
+Batch = tuple[torch.Tensor, ...]
+LossFn = Callable[..., torch.Tensor]
 Hook = Callable[[StepStats], None]
 
 
@@ -62,10 +64,19 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def cross_entropy_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def cross_entropy_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                      *packing: torch.Tensor) -> torch.Tensor:
     """The default loss: next-token cross-entropy SUMMED over targets != -100 (the loop divides
     by the token count). Any loss_fn must return such a sum, computed in fp32."""
-    return token_cross_entropy_sum(model(inputs), targets)
+    return token_cross_entropy_sum(logits(model, inputs, *packing), targets)
+
+
+def logits(model: nn.Module, inputs: torch.Tensor, *packing: torch.Tensor) -> torch.Tensor:
+    """model(inputs), or over packed rows model(inputs, positions=, segment_ids=)."""
+    if not packing:
+        return model(inputs)
+    positions, segment_ids = packing
+    return model(inputs, positions=positions, segment_ids=segment_ids)
 
 
 def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -79,12 +90,12 @@ def _compiled_token_cross_entropy_sum() -> Callable[[torch.Tensor, torch.Tensor]
     return torch.compile(token_cross_entropy_sum)
 
 
-def compiled_cross_entropy_sum(model: nn.Module, inputs: torch.Tensor,
-                               targets: torch.Tensor) -> torch.Tensor:
+def compiled_cross_entropy_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                               *packing: torch.Tensor) -> torch.Tensor:
     """cross_entropy_sum with the cast, log-softmax and loss (and their backward) as one
     compiled graph: the loop's loss with cfg.compile. Eager, bf16 logits pay a cast and three
     passes over the (B*T, V) logits each way; compiled, one (docs/performance.md)."""
-    return _compiled_token_cross_entropy_sum()(model(inputs), targets)
+    return _compiled_token_cross_entropy_sum()(logits(model, inputs, *packing), targets)
 
 
 def loss_for(loss_fn: LossFn, cfg: TrainConfig) -> LossFn:
@@ -132,11 +143,13 @@ def keep_freed_memory() -> bool:
 def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
           out_dir: str | Path | None = None, val_batches: Sequence[Batch] | None = None,
           loss_fn: LossFn = cross_entropy_sum, hooks: Sequence[Hook] = (),
-          resume_from: str | Path | None = None) -> TrainResult:
+          resume_from: str | Path | None = None, base: dict | None = None) -> TrainResult:
     """Train `model` in place until cfg.max_steps or cfg.max_time_s.
 
     out_dir receives metrics.jsonl, TensorBoard logs, checkpoints/ and loss_curve.png (None:
     nothing is written). resume_from is a checkpoint directory to continue from exactly.
+    base describes where the frozen weights come from when only some parameters train (LoRA:
+    checkpoints then hold the trainable ones only); it is kept in each checkpoint's trainer state.
     """
     check_seq_len(model, cfg.seq_len)
     device = next(model.parameters()).device
@@ -166,7 +179,7 @@ def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
             result.losses.append(stats.loss)
             if out_dir is not None and (last or _due(run.step, cfg.checkpoint.every)):
                 result.checkpoint = _save(Path(out_dir), model, optimizer, precision, batches,
-                                          cfg, run)
+                                          cfg, run, base)
     finally:
         log.close()
     result.step = run.step
@@ -184,7 +197,7 @@ def _train_step(model, batches, loss_fn, optimizer, precision, cfg, run, flops_p
     grad_norm = precision.step(optimizer, trainable_parameters(model), cfg.optim.grad_clip)
     optimizer.zero_grad(set_to_none=True)
     dt = time.perf_counter() - t0
-    tokens = sum(inputs.numel() for inputs, _ in micro)
+    tokens = sum(batch[0].numel() for batch in micro)
     run.step += 1
     run.tokens_seen += tokens
     run.elapsed_s += dt
@@ -204,12 +217,12 @@ def accumulate_gradients(model: nn.Module, micro_batches: Sequence[Batch], loss_
     tokens would weigh as much as a full one. DDP averages gradients over ranks, hence the
     world_size factor.
     """
-    local = sum((targets != IGNORE_INDEX).sum() for _, targets in micro_batches)
+    local = sum((batch[1] != IGNORE_INDEX).sum() for batch in micro_batches)
     valid = global_sum(local).clamp(min=1)  # an all-masked step gives zero gradients, not NaN
     total = torch.zeros((), device=valid.device)
-    for inputs, targets in micro_batches:
+    for inputs, targets, *packing in micro_batches:
         with precision.autocast():
-            loss_sum = loss_fn(model, inputs, targets)
+            loss_sum = loss_fn(model, inputs, targets, *packing)
         precision.backward(loss_sum * world_size() / valid)
         total += loss_sum.detach().float()
     return (global_sum(total) / valid).item(), int(valid.item())
@@ -226,9 +239,9 @@ def evaluate(model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn = cross
     total = torch.zeros((), device=device)
     count = torch.zeros((), device=device, dtype=torch.long)
     for batch in batches:
-        inputs, targets = _to_device(batch, device)
+        inputs, targets, *packing = _to_device(batch, device)
         with precision.autocast():
-            total += loss_fn(model, inputs, targets).float()
+            total += loss_fn(model, inputs, targets, *packing).float()
         count += (targets != IGNORE_INDEX).sum()
     model.train(was_training)
     return (global_sum(total) / global_sum(count).clamp(min=1)).item()
@@ -273,10 +286,12 @@ def _start(model, optimizer, precision, batches, cfg, resume_from) -> RunState:
     return RunState(state["step"], state["tokens_seen"], state["elapsed_s"])
 
 
-def _save(out_dir: Path, model, optimizer, precision, batches, cfg, run) -> Path:
+def _save(out_dir: Path, model, optimizer, precision, batches, cfg, run, base) -> Path:
     trainer_state = {"tokens_seen": run.tokens_seen, "elapsed_s": run.elapsed_s,
                      "scaler": precision.state_dict(), "data": batches.state_dict(),
                      "rng": rng_state(), "train_config": cfg.to_dict()}
+    if base is not None:
+        trainer_state["base"] = base
     return save_checkpoint(out_dir / CHECKPOINT_DIR, run.step, model, optimizer, trainer_state,
                            keep_last=cfg.checkpoint.keep_last)
 
@@ -308,5 +323,4 @@ def _due(step: int, every: int) -> bool:
 
 
 def _to_device(batch: Batch, device: torch.device) -> Batch:
-    inputs, targets = batch
-    return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    return tuple(t.to(device, non_blocking=True) for t in batch)

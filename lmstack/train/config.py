@@ -1,7 +1,7 @@
 """TrainConfig: every knob of the one training loop, each default written once, here.
 
 Loop-wide settings sit at the top level, the rest in sections (optim, schedule, precision,
-checkpoint, eval, logging). `lmstack pretrain` exposes them as `--train.<field>` and
+checkpoint, eval, logging, parallel). `lmstack pretrain` exposes them as `--train.<field>` and
 `--train.<section>.<field>`; the field docstrings below are the command's help text.
 Invalid values raise ValueError naming the flag to change.
 """
@@ -126,6 +126,36 @@ class LoggingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How ranks split the work under torchrun (lmstack.train.distributed); the product of the
+    four degrees must equal the world size. All 1: one process, no torch.distributed."""
+
+    dp_replicate: int = 1
+    """Data-parallel replicas holding whole copies of the weights (DDP; with dp_shard > 1, HSDP)."""
+    dp_shard: int = 1
+    """Data-parallel ranks that shard weights, gradients and optimizer state (FSDP2)."""
+    tp: int = 1
+    """Tensor-parallel degree: each block's matmuls split over this many ranks (must divide the
+    heads and KV heads)."""
+    pp: int = 1
+    """Pipeline stages: the layers split into this many consecutive groups."""
+
+    def __post_init__(self) -> None:
+        for name in ("dp_replicate", "dp_shard", "tp", "pp"):
+            _check(getattr(self, name) >= 1, f"train.parallel.{name}", getattr(self, name),
+                   "must be >= 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.tp
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many ranks read different batches."""
+        return self.dp_replicate * self.dp_shard
+
+
+@dataclass
 class TrainConfig:
     """Everything the training loop needs to know, apart from the model and the data."""
 
@@ -158,6 +188,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "grad_accum"):
@@ -186,4 +217,5 @@ class TrainConfig:
 
 
 _SECTIONS = {"optim": OptimConfig, "schedule": ScheduleConfig, "precision": PrecisionConfig,
-             "checkpoint": CheckpointConfig, "eval": EvalConfig, "logging": LoggingConfig}
+             "checkpoint": CheckpointConfig, "eval": EvalConfig, "logging": LoggingConfig,
+             "parallel": ParallelConfig}

@@ -226,6 +226,16 @@ def test_accumulating_k_micro_batches_equals_one_k_times_larger_batch():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_clipping_scales_the_gradients_down_to_the_max_norm():
+    model = tiny_model()
+    fp32 = Precision("fp32", torch.device("cpu"))
+    accumulate_gradients(model, masked_batches(), cross_entropy_sum, fp32)
+    params = list(model.parameters())
+    norm = fp32.step(torch.optim.SGD(params, lr=0.0), params, max_norm=0.1)
+    after = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+    assert norm > 0.5 and after == pytest.approx(0.1, rel=1e-4)
+
+
 class ListSource(ArraySource):
     def __init__(self, batches):
         super().__init__()

@@ -140,8 +140,8 @@ class Precision:
         self.scaler.unscale_(optimizer)
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
+        if max_norm > 0:  # takes the parameters (it scales their .grad), not the gradients
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         self.scaler.step(optimizer)
         self.scaler.update()
         return norm.item()

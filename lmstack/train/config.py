@@ -139,11 +139,29 @@ class ParallelConfig:
     heads and KV heads)."""
     pp: int = 1
     """Pipeline stages: the layers split into this many consecutive groups."""
+    pp_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    """Pipeline schedule (lmstack.train.pipeline): gpipe runs every microbatch's forward, then
+    every backward; 1f1b alternates them once the pipeline is full, holding fewer activations."""
+    microbatches: int | None = None
+    """Pipeline microbatches per optimizer step; more shrink the idle bubble (None: one per
+    stage). A step's rows are padded with masked rows to a multiple of it."""
 
     def __post_init__(self) -> None:
         for name in ("dp_replicate", "dp_shard", "tp", "pp"):
             _check(getattr(self, name) >= 1, f"train.parallel.{name}", getattr(self, name),
                    "must be >= 1")
+        _check(self.pp_schedule in ("gpipe", "1f1b"), "train.parallel.pp_schedule",
+               self.pp_schedule, "choose gpipe or 1f1b")
+        _check(self.microbatches is None or self.microbatches >= 1, "train.parallel.microbatches",
+               self.microbatches, "must be >= 1 or None")
+        _check(self.pp_schedule != "1f1b" or self.pp_microbatches >= self.pp,
+               "train.parallel.microbatches", self.microbatches,
+               f"1f1b needs at least one microbatch per stage ({self.pp}); raise it or use "
+               "--train.parallel.pp-schedule gpipe")
+
+    @property
+    def pp_microbatches(self) -> int:
+        return self.pp if self.microbatches is None else self.microbatches
 
     @property
     def world_size(self) -> int:

@@ -21,6 +21,7 @@ import contextlib
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -135,11 +136,17 @@ class Precision:
         self.scaler.scale(loss).backward()
 
     def step(self, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-             max_norm: float) -> float:
-        """Unscale, measure (and clip) the global gradient norm, step, update the scale."""
+             max_norm: float, stage_group: dist.ProcessGroup | None = None) -> float:
+        """Unscale, measure (and clip) the global gradient norm, step, update the scale.
+        stage_group: the pipeline stages (each holds other parameters), whose squared norms sum
+        to the global one."""
         self.scaler.unscale_(optimizer)
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if stage_group is not None:
+            squared = norm.pow(2)
+            dist.all_reduce(squared, group=stage_group)
+            norm = squared.sqrt()
         if max_norm > 0:  # takes the parameters (it scales their .grad), not the gradients
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
         self.scaler.step(optimizer)

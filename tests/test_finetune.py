@@ -1,0 +1,438 @@
+"""Fine-tuning: chat SFT data (assistant-only targets, packing), LoRA / QLoRA by module swap,
+merging, PEFT interop both ways, the loop's LoRA checkpoints and exact resume, bad inputs, the
+CLI, and a reduced run of the synthetic task (benchmarks/finetune_task.py)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmstack.data.sft import (
+    IGNORE_INDEX,
+    SFTBatches,
+    collate,
+    fixed_batches,
+    load_sft,
+    pack,
+    read_records,
+    render,
+)
+from lmstack.finetune import (
+    LoRALinear,
+    apply_lora,
+    base_weight_bytes,
+    load_adapter,
+    lora_state_dict,
+    merge_lora,
+    quantize_nf4,
+    remove_lora,
+    save_adapter,
+    unmerge_lora,
+)
+from lmstack.kernels import CPU_PACKED, FUSED, swap_linears
+from lmstack.model import ModelConfig, Transformer
+from lmstack.model.hf import save_hf
+from lmstack.model.tokenizer import Tokenizer
+from lmstack.model.transformer import document_mask
+from lmstack.train import (
+    CheckpointConfig,
+    EvalConfig,
+    LoggingConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    train,
+)
+from lmstack.train.loop import cross_entropy_sum, token_cross_entropy_sum
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = [f"{a}+{b}={a + b} hello world" for a in range(10, 60) for b in range(10, 30)]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train(TEXTS, vocab_size=300)
+
+
+def tiny(tok, seed: int = 0, **overrides) -> Transformer:
+    cfg = ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size, **overrides)
+    model = Transformer.build(cfg, seed=seed)
+    with torch.no_grad():  # norms away from 1 so that a mix-up shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def randomize_lora_(model, seed: int = 1, scale: float = 0.3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_state_dict(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def tokens(tok, n: int = 2, T: int = 12) -> torch.Tensor:
+    return torch.randint(0, tok.vocab_size, (n, T), generator=torch.Generator().manual_seed(3))
+
+
+def chat(a: int, b: int, turns: int = 1) -> dict:
+    messages = [{"role": "system", "content": "add"}]
+    for i in range(turns):
+        messages += [{"role": "user", "content": f"{a + i}+{b}="},
+                     {"role": "assistant", "content": str(a + i + b)}]
+    return {"messages": messages}
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def quiet(**kw) -> TrainConfig:
+    base = dict(batch_size=2, seq_len=96, max_steps=4, device="cpu",
+                optim=OptimConfig(lr=1e-2, weight_decay=0.0),
+                schedule=ScheduleConfig(kind="constant", warmup_steps=0),
+                eval=EvalConfig(every=0), checkpoint=CheckpointConfig(every=0),
+                logging=LoggingConfig(progress_bar=False, tensorboard=False, plot=False))
+    return TrainConfig(**{**base, **kw})
+
+
+def sft_batches(tok, tmp_path, n: int = 12, seq_len: int = 96, pack_rows: bool = True, seed=0):
+    data = write_jsonl(tmp_path / "chat.jsonl", [chat(10 + i, 20 + i, turns=1 + (i % 3 == 2)) for i in range(n)])
+    examples, _ = load_sft(data, tok, seq_len)
+    return SFTBatches(examples, 2, seq_len, pack_rows=pack_rows, seed=seed), examples
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def test_zero_B_leaves_logits_unchanged_and_names_are_kept(tok):
+    model = tiny(tok)
+    x = tokens(tok)
+    want = model(x)
+    plain_keys = set(model.state_dict())
+    names = apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    assert len(names) == 4 and all(isinstance(model.get_submodule(n), LoRALinear) for n in names)
+    assert torch.equal(model(x), want)
+    keys = set(model.state_dict())
+    assert plain_keys <= keys  # the base weight keeps its name (q_proj.weight)
+    assert keys - plain_keys == {f"{n}.lora_{ab}" for n in names for ab in "AB"}
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        [f"{n}.lora_{ab}" for n in names for ab in "AB"]
+
+
+def test_state_dict_round_trips_through_the_hooks(tok):
+    model = tiny(tok)
+    apply_lora(model, "all-linear", r=2, alpha=4)
+    randomize_lora_(model)
+    other = tiny(tok, seed=5)
+    apply_lora(other, "all-linear", r=2, alpha=4)
+    other.load_state_dict(model.state_dict())
+    x = tokens(tok)
+    assert torch.equal(other(x), model(x))
+
+
+def test_merged_equals_unmerged_and_remove_gives_a_plain_model(tok, tmp_path):
+    model = tiny(tok)
+    apply_lora(model, "all-linear", r=4, alpha=8, rslora=True)
+    randomize_lora_(model)
+    x = tokens(tok)
+    adapted = model(x)
+    base = tiny(tok)(x)
+    assert (adapted - base).abs().max() > 1e-2
+    merge_lora(model)
+    assert (model(x) - adapted).abs().max() <= 1e-5
+    unmerge_lora(model)
+    assert (model(x) - adapted).abs().max() <= 1e-5
+    remove_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert (model(x) - adapted).abs().max() <= 1e-5
+    save_hf(model, tmp_path / "hf")  # a plain Transformer again
+
+
+def test_only_adapters_train_and_the_base_is_bitwise_unchanged(tok, tmp_path):
+    model = tiny(tok)
+    apply_lora(model, ["q_proj", "o_proj", "down_proj"], r=4, alpha=8, dropout=0.1)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    batches, _ = sft_batches(tok, tmp_path)
+    grads = {}
+    inputs, targets, positions, segments = batches.next_batch()
+    cross_entropy_sum(model, inputs, targets, positions, segments).backward()
+    for name, p in model.named_parameters():
+        grads[name] = p.grad is not None
+    assert all(v == ("lora_" in k) for k, v in grads.items())
+    model.zero_grad()
+    before = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    train(model, batches, quiet())
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    assert all(not torch.equal(before[k], v) for k, v in lora_state_dict(model).items()
+               if k.endswith("lora_B"))
+
+
+def test_lora_composes_with_the_kernels_seam(tok):
+    model = tiny(tok)
+    apply_lora(model, ["q_proj", "up_proj"], r=4, alpha=8)
+    randomize_lora_(model)
+    x = tokens(tok)
+    with torch.no_grad():
+        want = model(x)
+        swap_linears(model, CPU_PACKED)  # the bases inside the wrappers are swapped too
+        assert type(model.layers[0].self_attn.q_proj.base).__name__ == "PackedLinear"
+        assert (model(x) - want).abs().max() <= 1e-5
+    fused = tiny(tok)
+    apply_lora(fused, ["q_proj", "up_proj"], r=4, alpha=8)
+    randomize_lora_(fused)
+    swap_linears(fused, FUSED)
+    assert (fused(x) - want).abs().max() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- PEFT interop
+
+def _hf_logits(hf, x):
+    with torch.no_grad():
+        return hf(x).logits
+
+
+def test_our_adapter_loads_in_peft_with_the_same_logits(tok, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    model = tiny(tok)
+    save_hf(model, tmp_path / "base")
+    apply_lora(model, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8)
+    randomize_lora_(model)
+    save_adapter(model, tmp_path / "adapter", base_name_or_path=str(tmp_path / "base"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert keys["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 64)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    x = tokens(tok)
+    plain = _hf_logits(hf, x)
+    wrapped = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    theirs = _hf_logits(wrapped, x)
+    with torch.no_grad():
+        ours = model(x)
+    print(f"PEFT vs lmstack adapter: max |logits diff| = {(theirs - ours).abs().max():.2e}")
+    assert (theirs - plain).abs().max() > 1e-2  # peft applied it (it ignores unknown keys)
+    assert (theirs - ours).abs().max() <= 1e-4
+
+
+def test_an_adapter_written_by_peft_loads_with_the_same_logits(tok, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    save_hf(tiny(tok), tmp_path / "base")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "gate_proj"],
+                             lora_dropout=0.0, task_type="CAUSAL_LM")
+    wrapped = peft.get_peft_model(hf, config)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    x = tokens(tok)
+    theirs = _hf_logits(wrapped.eval(), x)
+    from lmstack.model import load_hf
+    ours_model = load_hf(tmp_path / "base")
+    names = load_adapter(ours_model, tmp_path / "adapter")
+    assert len(names) == 4
+    with torch.no_grad():
+        ours = ours_model(x)
+    print(f"lmstack vs PEFT-written adapter: max |logits diff| = {(theirs - ours).abs().max():.2e}")
+    assert (theirs - ours).abs().max() <= 1e-4
+
+
+def test_an_adapter_for_another_base_names_the_shape_mismatch(tok, tmp_path):
+    model = tiny(tok)
+    apply_lora(model, ["q_proj"], r=4, alpha=8)
+    save_adapter(model, tmp_path / "adapter")
+    wider = tiny(tok, dim=128, n_heads=4)
+    with pytest.raises(ValueError, match=r"lora_A has shape \(4, 64\).*needs \(4, 128\).*different base"):
+        load_adapter(wider, tmp_path / "adapter")
+
+
+# ----------------------------------------------------------------------------- SFT data
+
+def test_two_turn_conversation_targets_exactly_the_assistant_tokens(tok):
+    messages = chat(12, 30, turns=2)["messages"]
+    ids, is_target = render(tok, messages)
+    assistant = []  # by hand: each assistant turn is its content and the end of turn
+    for answer in ("42", "43"):
+        assistant += tok.encode(f"{answer}<|im_end|>\n")
+    assert [t for t, keep in zip(ids, is_target, strict=True) if keep] == assistant
+    assert tok.decode(ids) == tok.apply_chat_template(messages)
+    inputs, targets = collate([[_example(ids, is_target)]], seq_len=len(ids) - 1, packed=False)
+    assert targets[targets != IGNORE_INDEX].tolist() == assistant
+    model = tiny(tok)
+    logits = model(inputs)
+    keep = targets[0] != IGNORE_INDEX
+    by_hand = torch.nn.functional.cross_entropy(logits[0, keep], targets[0, keep], reduction="sum")
+    assert torch.allclose(cross_entropy_sum(model, inputs, targets), by_hand)
+
+
+def _example(ids, is_target):
+    from lmstack.data.sft import to_example
+    return to_example(ids, is_target)
+
+
+def test_packed_and_unpacked_batches_give_the_same_per_conversation_losses(tok, tmp_path):
+    _, examples = sft_batches(tok, tmp_path, n=6)
+    model = tiny(tok)
+    rows = pack(examples, 96)
+    assert any(len(r) > 1 for r in rows)
+    inputs, targets, positions, segments = collate(rows, 96)
+    logits = model(inputs, positions=positions, segment_ids=segments)
+    packed = []
+    for b, row in enumerate(rows):
+        start = 0
+        for ex in row:
+            n = len(ex.inputs)
+            packed.append(token_cross_entropy_sum(logits[b:b + 1, start:start + n],
+                                                  targets[b:b + 1, start:start + n]))
+            start += n
+    alone = []
+    for ex in examples:
+        x, y = collate([[ex]], 96, packed=False)
+        alone.append(cross_entropy_sum(model, x, y))
+    assert len(packed) == len(alone) == len(examples)
+    assert (torch.stack(packed) - torch.stack(alone)).abs().max() <= 1e-5
+
+
+def test_no_token_attends_across_a_conversation_boundary(tok, tmp_path):
+    _, examples = sft_batches(tok, tmp_path, n=3)
+    rows = pack(examples, 96)
+    inputs, _, positions, segments = collate(rows[:1], 96)
+    assert segments[0].unique().numel() >= 3  # two conversations and padding
+    first = segments[0] == 0
+    model = tiny(tok)
+    want = model(inputs, positions=positions, segment_ids=segments)
+    changed = inputs.clone()
+    changed[0, first] = (changed[0, first] + 7) % tok.vocab_size
+    got = model(changed, positions=positions, segment_ids=segments)
+    assert torch.equal(got[0, ~first], want[0, ~first])  # the others never saw the first one
+    assert not torch.equal(got[0, first], want[0, first])
+    mask = document_mask(segments)[0, 0]
+    assert not (mask & (segments[0][:, None] != segments[0][None, :])).any()
+
+
+def test_malformed_records_are_skipped_and_counted_with_file_and_line(tok, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [
+        chat(10, 20), "{not json",
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "no answer"}]}, chat(11, 21)])
+    examples, stats = load_sft(path, tok, seq_len=64)
+    assert (len(examples), stats.records, len(stats.skipped)) == (2, 5, 3)
+    summary = stats.summary()
+    assert f"{path}:2:" in summary and "unknown role 'robot'" in summary
+    assert f"{path}:4: no assistant turn" in summary
+    with pytest.raises(ValueError, match=r"chat.jsonl:2: .*strict"):
+        read_records(path, strict=True)
+
+
+def test_long_conversations_are_truncated_by_the_documented_rule(tok, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat(10, 20, turns=6), chat(10, 20)])
+    full, _ = load_sft(path, tok, seq_len=256)
+    short, stats = load_sft(path, tok, seq_len=48)
+    assert stats.truncated == 1 and stats.dropped == 0
+    assert short[0].inputs == full[0].inputs[:48]  # the first seq_len + 1 tokens are kept
+    _, stats = load_sft(path, tok, seq_len=8)  # no assistant token within 9 tokens
+    assert stats.dropped == 2 and stats.kept == 0
+
+
+def test_a_tokenizer_without_a_chat_template_says_how_to_add_one(tok, tmp_path):
+    bare = Tokenizer(tok.backend, eos_token="<|endoftext|>")
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat(10, 20)])
+    with pytest.raises(ValueError, match="no chat template.*chat_template.jinja"):
+        load_sft(path, bare, 64)
+
+
+# ----------------------------------------------------------------------------- loop
+
+def test_lora_checkpoints_hold_adapters_only_and_resume_bitwise(tok, tmp_path):
+    def run(steps, out, resume=None):
+        torch.manual_seed(0)
+        model = tiny(tok)
+        apply_lora(model, "all-linear", r=4, alpha=8, dropout=0.1)
+        batches, _ = sft_batches(tok, tmp_path)
+        result = train(model, batches, quiet(max_steps=steps), out_dir=out, resume_from=resume,
+                       base={"path": "tiny", "method": "lora"})
+        return model, result
+
+    straight, _ = run(6, tmp_path / "a")
+    _, first = run(3, tmp_path / "b")
+    saved = load_file(first.checkpoint / "model.safetensors")
+    assert set(saved) == set(lora_state_dict(straight))
+    state = json.loads((first.checkpoint / "trainer_state.json").read_text())
+    assert state["weights"] == "trainable" and state["base"]["path"] == "tiny"
+    resumed, _ = run(6, tmp_path / "b", resume=first.checkpoint)
+    for k, v in lora_state_dict(straight).items():
+        assert torch.equal(v, lora_state_dict(resumed)[k]), k
+
+
+def test_validation_counts_assistant_tokens_only(tok, tmp_path):
+    from lmstack.train import evaluate
+    _, examples = sft_batches(tok, tmp_path)
+    val = fixed_batches(examples, 2, 96)
+    model = tiny(tok)
+    total = sum(cross_entropy_sum(model, *b).item() for b in val)
+    count = sum(int((b[1] != IGNORE_INDEX).sum()) for b in val)
+    assistant = sum(sum(t != IGNORE_INDEX for t in ex.targets) for ex in examples)
+    assert count == assistant
+    assert evaluate(model, val) == pytest.approx(total / count, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_lora_settings_are_refused(tok):
+    with pytest.raises(ValueError, match=r"match no linear.*q_proj"):
+        apply_lora(tiny(tok), ["qkv"], r=4, alpha=8)
+    with pytest.raises(ValueError, match=r"r=0 .*>= 1"):
+        apply_lora(tiny(tok), ["q_proj"], r=0, alpha=8)
+
+
+def test_qlora_without_an_nf4_kernel_names_the_fix(tok, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(ValueError, match=r"--method qlora needs an NF4 kernel.*pip install"):
+        quantize_nf4(tiny(tok))
+
+
+# ----------------------------------------------------------------------------- QLoRA
+
+def test_qlora_trains_over_nf4_and_merges_into_the_dequantized_weight(tok, tmp_path):
+    pytest.importorskip("torchao")
+    model = tiny(tok)
+    apply_lora(model, "all-linear", r=4, alpha=8)
+    assert quantize_nf4(model) == 15  # 14 adapted bases and the head
+    nf4, bf16 = base_weight_bytes(model)
+    assert nf4 <= 0.3 * bf16
+    batches, _ = sft_batches(tok, tmp_path)
+    train(model, batches, quiet())
+    q = model.layers[0].self_attn.q_proj
+    dequantized = q.base.dequantize().float()
+    x = tokens(tok)
+    with torch.no_grad():
+        adapted = model(x)
+    expect = dequantized + q.delta()
+    merge_lora(model)
+    assert torch.equal(q.base.weight, expect)  # into the dequantized NF4 weight
+    remove_lora(model)
+    with torch.no_grad():
+        merged = model(x)
+    assert (merged - adapted).abs().max() <= 0.05 * adapted.abs().max()  # bf16 vs fp32 products
+    save_hf(model, tmp_path / "hf")
+    from lmstack.model import load_hf
+    assert torch.equal(load_hf(tmp_path / "hf").layers[0].self_attn.q_proj.weight, expect)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def _task():
+    spec = importlib.util.spec_from_file_location("finetune_task", ROOT / "benchmarks" / "finetune_task.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -436,3 +436,63 @@ def _task():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ----------------------------------------------------------------------------- CLI
+
+@pytest.fixture(scope="module")
+def cli_base(tok, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_hf(tiny(tok), root / "base")
+    tok.save(root / "base")
+    write_jsonl(root / "chat.jsonl", [chat(10 + i, 20 + i) for i in range(16)] + ['{"bad": 1}'])
+    write_jsonl(root / "val.jsonl", [chat(40 + i, 11) for i in range(4)])
+    return root
+
+
+def finetune_flags(root, out, *extra):
+    return ["finetune", "--base", str(root / "base"), "--data", str(root / "chat.jsonl"),
+            "--val-data", str(root / "val.jsonl"), "--out", str(out), "--lora.r", "4",
+            "--train.max-steps", "3", "--train.batch-size", "2", "--train.seq-len", "96",
+            "--train.device", "cpu", "--train.logging.progress-bar", "false",
+            "--train.logging.tensorboard", "false", "--train.logging.plot", "false", *extra]
+
+
+def test_finetune_merge_lora_and_sample_adapter_commands(cli_base, tmp_path, capsys):
+    from lmstack.cli import main
+    from lmstack.model import load_hf
+    out = tmp_path / "run"
+    assert main(finetune_flags(cli_base, out)) == 0
+    printed = capsys.readouterr().out
+    assert "chat.jsonl:17:" in printed and "1 malformed" in printed and "val loss" in printed
+    ckpt = out / "checkpoints" / "step_00000003"
+    assert all("lora_" in k for k in load_file(ckpt / "model.safetensors"))
+    assert main(["merge-lora", str(cli_base / "base"), str(out / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    x = tokens(tok=Tokenizer.load(cli_base / "base"))
+    with torch.no_grad():
+        merged, exported = load_hf(tmp_path / "merged")(x), load_hf(out / "hf")(x)
+        base = load_hf(cli_base / "base")(x)
+    assert (merged - exported).abs().max() <= 1e-5 and (merged - base).abs().max() > 0
+    capsys.readouterr()
+    sample = ["sample", str(cli_base / "base"), "--prompt", "12+", "--temperature", "0",
+              "--max-new-tokens", "5", "--device", "cpu"]
+    assert main([*sample, "--adapter", str(out / "adapter")]) == 0
+    with_adapter = capsys.readouterr().out
+    sample[1] = str(tmp_path / "merged")
+    assert main(sample) == 0
+    assert capsys.readouterr().out == with_adapter
+    assert main(finetune_flags(cli_base, out, "--resume", "--lora.r", "8")) == 2
+    assert "resume with the --base, --method and --lora settings" in capsys.readouterr().err
+
+
+def test_finetune_command_qlora_and_bad_flags(cli_base, tmp_path, capsys):
+    pytest.importorskip("torchao")
+    from lmstack.cli import main
+    out = tmp_path / "q"
+    assert main(finetune_flags(cli_base, out, "--method", "qlora", "--train.max-steps", "2")) == 0
+    assert json.loads((out / "adapter" / "lmstack_adapter.json").read_text())["quantized_base"] == "nf4"
+    assert main(finetune_flags(cli_base, tmp_path / "r0", "--lora.r", "0")) == 2
+    assert "--lora.r=0 is invalid" in capsys.readouterr().err
+    assert main(finetune_flags(cli_base, tmp_path / "t", "--lora.targets", "qkv")) == 2
+    assert "match no linear" in capsys.readouterr().err

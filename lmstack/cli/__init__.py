@@ -14,6 +14,8 @@ COMMANDS = {
     "info": "show a preset's or config file's shape, parameter count and FLOPs per token",
     "prepare": "tokenize a corpus into token shards (+ meta.json)",
     "pretrain": "train a model from scratch on prepared shards",
+    "finetune": "fine-tune a model on chat data (full, LoRA or QLoRA)",
+    "merge-lora": "merge a LoRA adapter into its base and write an HF model directory",
     "sample": "generate text from a checkpoint",
     "generate": "run the batched inference engine on prompts",
     "quantize": "quantize a model's weights to int8 / int4 (RTN or GPTQ) into a new directory",
@@ -37,5 +39,5 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"lmstack: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"lmstack.cli.{name}")
+    module = importlib.import_module(f"lmstack.cli.{name.replace('-', '_')}")  # merge-lora
     return module.main(rest) or 0

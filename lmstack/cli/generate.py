@@ -3,6 +3,7 @@
     lmstack generate runs/demo --prompt "Once upon a time" --max-new-tokens 64 --temperature 0.8
     lmstack generate path/to/hf-model --prompts-file prompts.txt --temperature 0 --json
     lmstack generate runs/demo --prompt "Hello" --stream --dtype bfloat16 --compile
+    lmstack generate runs/demo/hf --adapter runs/ft/adapter --prompts-file prompts.txt --temperature 0
 
 MODEL is an HF model directory, an lmstack checkpoint directory, or a run directory (its newest
 checkpoint). The tokenizer is --tokenizer, else MODEL's tokenizer.json, else the run's tokenizer/.
@@ -18,10 +19,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from lmstack.cli import flags
 from lmstack.cli.sample import find_checkpoint, find_tokenizer
+from lmstack.finetune import use_adapter
 from lmstack.infer import LLM, EngineConfig, RequestOutput, SamplingParams
-from lmstack.infer.loading import load_tokenizer
+from lmstack.infer.loading import load_model, load_tokenizer
 
 
 @dataclass
@@ -32,6 +36,8 @@ class GenerateArgs:
     """A text file with one prompt per line (blank lines skipped)."""
     tokenizer: str | None = None
     """Tokenizer directory or tokenizer.json; none: MODEL's, else the run's tokenizer/."""
+    adapter: str | None = None
+    """A PEFT LoRA adapter directory (`lmstack finetune`'s OUT/adapter) merged into MODEL."""
     stream: bool = False
     """Print text as it is generated (one prompt only)."""
     json: bool = False
@@ -56,7 +62,7 @@ HELP = {
 def main(argv: list[str]) -> int:
     try:
         model, args = parse_args(argv)
-        llm = LLM(_model_dir(model), _tokenizer(model, args.tokenizer), **vars(args.engine))
+        llm = LLM(_model(model, args.adapter), _tokenizer(model, args.tokenizer), **vars(args.engine))
         prompts = _prompts(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"lmstack generate: error: {e}", file=sys.stderr)
@@ -85,6 +91,14 @@ def parse_args(argv: list[str]) -> tuple[str, GenerateArgs]:
 def _model_dir(path: str) -> Path:
     path = Path(path)
     return path if (path / "config.json").is_file() else find_checkpoint(path)
+
+
+def _model(path: str, adapter: str | None) -> Path | torch.nn.Module:
+    """MODEL's directory for the engine to load, or with --adapter the model loaded here with
+    the adapter merged in (a plain model, so every engine path serves it)."""
+    if adapter is None:
+        return _model_dir(path)
+    return use_adapter(load_model(_model_dir(path)), adapter)
 
 
 def _tokenizer(model: str, explicit: str | None):

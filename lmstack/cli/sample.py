@@ -2,9 +2,10 @@
 
     lmstack sample runs/demo --prompt "def fib(n):" --max-new-tokens 200 --temperature 0.8
     lmstack sample runs/demo/checkpoints/step_00001000 --num-samples 4 --top-p 0.9 --seed 1
+    lmstack sample runs/demo --adapter runs/ft/adapter --prompt "12+30=" --temperature 0
 
-CHECKPOINT is a checkpoint directory, a run directory (its newest valid checkpoint is used) or a
-quantized directory (`lmstack quantize`). The tokenizer is --tokenizer, else the directory's own
+CHECKPOINT is a checkpoint directory, a run directory (its newest valid checkpoint is used), a
+quantized directory (`lmstack quantize`) or an HF model directory. The tokenizer is --tokenizer, else the directory's own
 tokenizer.json, else the run's tokenizer/.
 """
 
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmstack.cli import flags
-from lmstack.compress import is_quantized_dir, load_quantized
+from lmstack.finetune import use_adapter
+from lmstack.infer.loading import load_model
 from lmstack.model import generate
 from lmstack.model.tokenizer import Tokenizer
-from lmstack.train import latest_checkpoint, load_model, resolve_device
+from lmstack.train import latest_checkpoint, resolve_device
 from lmstack.train.checkpoint import MODEL_FILE
 from lmstack.train.loop import CHECKPOINT_DIR
 
@@ -43,6 +45,8 @@ class SampleArgs:
     """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
     tokenizer: str | None = None
     """Tokenizer directory; none: the run's tokenizer/."""
+    adapter: str | None = None
+    """A PEFT LoRA adapter directory (`lmstack finetune`'s OUT/adapter) merged into the model."""
 
 
 def main(argv: list[str]) -> int:
@@ -73,7 +77,9 @@ def sample(checkpoint: str | Path, args: SampleArgs) -> list[str]:
         raise ValueError(f"--num-samples={args.num_samples} must be >= 1")
     ckpt = find_checkpoint(checkpoint)
     tokenizer = Tokenizer.load(args.tokenizer or find_tokenizer(ckpt))
-    model = (load_quantized if is_quantized_dir(ckpt) else load_model)(ckpt, resolve_device(args.device))
+    model = load_model(ckpt, resolve_device(args.device))  # checkpoint, quantized or HF directory
+    if args.adapter is not None:
+        model = use_adapter(model, args.adapter)
     stop = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     prompt = tokenizer.encode(args.prompt) if args.prompt else stop[:1]
     if not prompt:

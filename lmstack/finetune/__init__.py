@@ -13,12 +13,24 @@ from lmstack.finetune.lora import (
     remove_lora,
     unmerge_lora,
 )
-from lmstack.finetune.peft import load_adapter, quantized_base, read_adapter, save_adapter
-from lmstack.finetune.qlora import NF4Linear, base_weight_bytes, quantize_nf4, require_nf4
+from lmstack.finetune.peft import (
+    load_adapter,
+    quantized_base,
+    read_adapter,
+    save_adapter,
+    use_adapter,
+)
+from lmstack.finetune.qlora import (
+    NF4Linear,
+    base_weight_bytes,
+    dequantize_nf4,
+    quantize_nf4,
+    require_nf4,
+)
 
 __all__ = [
     "ALL_LINEAR", "LoRAConfig", "LoRALinear", "NF4Linear", "apply_lora", "base_weight_bytes",
-    "load_adapter", "load_lora_state_dict", "lora_modules", "lora_state_dict", "merge_lora",
-    "quantize_nf4", "quantized_base", "read_adapter", "remove_lora", "require_nf4",
-    "save_adapter", "unmerge_lora",
+    "dequantize_nf4", "load_adapter", "load_lora_state_dict", "lora_modules", "lora_state_dict",
+    "merge_lora", "quantize_nf4", "quantized_base", "read_adapter", "remove_lora", "require_nf4",
+    "save_adapter", "unmerge_lora", "use_adapter",
 ]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmstack.finetune.lora import apply_lora, load_lora_state_dict, lora_modules, lora_state_dict
+from lmstack.finetune.lora import apply_lora, load_lora_state_dict, lora_modules
 from lmstack.model.hf import hf_model_type
 
 CONFIG_FILE, WEIGHTS_FILE, LMSTACK_FILE = ("adapter_config.json", "adapter_model.safetensors",
@@ -142,5 +142,22 @@ def load_adapter(model: nn.Module, path: str | Path) -> list[str]:
     return names
 
 
-__all__ = ["hf_module_path", "load_adapter", "lora_state_dict", "quantized_base", "read_adapter",
-           "save_adapter"]
+
+
+def use_adapter(model: nn.Module, path: str | Path, merge: bool = True) -> nn.Module:
+    """The model with the adapter in `path` as it was trained: over an NF4 base if it was a
+    QLoRA adapter (the base is quantized first); merge=True folds it in and leaves a plain
+    float model (NF4 weights dequantized), ready to sample, serve or save_hf."""
+    from lmstack.finetune.lora import remove_lora
+    from lmstack.finetune.qlora import dequantize_nf4, quantize_nf4
+    load_adapter(model, path)
+    if quantized_base(path) == "nf4":
+        quantize_nf4(model)
+    if merge:
+        remove_lora(model)
+        dequantize_nf4(model)
+    return model
+
+
+__all__ = ["hf_module_path", "load_adapter", "quantized_base", "read_adapter", "save_adapter",
+           "use_adapter"]

@@ -104,3 +104,8 @@ def base_weight_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of the NF4 weights, bytes the same weights take in bf16)."""
     nf4 = [m for m in model.modules() if isinstance(m, NF4Linear)]
     return sum(m.nbytes() for m in nf4), sum(2 * m.weight.numel() for m in nf4)
+
+
+def dequantize_nf4(model: nn.Module) -> int:
+    """Replace every NF4Linear by an nn.Linear over its dequantized weight (fp32), in place."""
+    return swap_linears(model, {NF4Linear: lambda m: m.to_linear()})

@@ -2,6 +2,8 @@
 
     lmstack pretrain --data data/stdlib --model.preset llama-10m --train.max-time-s 300 --out runs/demo
     lmstack pretrain --config run.toml --train.optim.lr 1e-3 --train.batch-size 32 --resume
+    torchrun --nproc-per-node 4 -m lmstack pretrain --data data/stdlib --out runs/fsdp \
+        --train.parallel.dp-shard 2 --train.parallel.tp 2       (docs/distributed.md)
 
 Settings come from three places, each overriding the one before: the dataclass defaults
 (lmstack.train.TrainConfig and ModelArgs below), a --config file (TOML or YAML, nested like the
@@ -31,11 +33,13 @@ from lmstack.model.tokenizer import Tokenizer
 from lmstack.train import (
     TrainConfig,
     TrainResult,
+    distributed,
     latest_checkpoint,
     list_checkpoints,
     resolve_device,
     train,
 )
+from lmstack.train.dcp import export_hf
 from lmstack.train.loop import CHECKPOINT_DIR, check_seq_len
 
 
@@ -74,7 +78,7 @@ def main(argv: list[str]) -> int:
         args = parse_args(argv)
         pretrain(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"lmstack pretrain: error: {e}", file=sys.stderr)
+        print(f"lmstack pretrain: error: {distributed.rank_prefix()}{e}", file=sys.stderr)
         return 2
     return 0
 
@@ -157,28 +161,46 @@ def model_config(args: ModelArgs, vocab_size: int) -> ModelConfig:
 # ----------------------------------------------------------------------------- the run
 
 def pretrain(args: PretrainArgs) -> TrainResult:
-    """Data -> model -> train loop -> final checkpoint, HF export and summary."""
+    """Data -> model -> train loop -> final checkpoint, HF export and summary. Under torchrun
+    every rank runs this; rank 0 alone writes the run files and the export, and prints."""
     cfg, out = args.train, Path(args.out)
     meta = load_meta(args.data)
-    resume_from = _resume_point(out, args.resume)
-    device = resolve_device(cfg.device)
-    model = Transformer.build(model_config(args.model, meta["vocab_size"]), device=device,
-                              seed=cfg.seed)
-    check_seq_len(model, cfg.seq_len)
-    batches = TokenStream(args.data, "train", cfg.batch_size, cfg.seq_len, seed=cfg.seed)
-    val_batches = _val_batches(args, meta)
-    tokenizer = Tokenizer.load(Path(args.data) / "tokenizer")
-    _write_run_files(out, args, tokenizer)
-    print(f"model: {model.num_params():,} parameters on {device}; out: {out}")
-    result = train(model, batches, cfg, out_dir=out, val_batches=val_batches,
-                   resume_from=resume_from)
-    save_hf(model, out / "hf")
-    tokenizer.save(out / "hf")
-    _print_summary(result, out)
+    config = model_config(args.model, meta["vocab_size"])
+    # before any collective, so every rank fails alike (torchrun then stops the others)
+    distributed.check_parallel(config, cfg, distributed.launched_world_size())
+    with distributed.launch(resolve_device(cfg.device), cfg.parallel) as (device, mesh):
+        main = distributed.rank() == 0
+        resume_from = _resume_point(out, args.resume, main)
+        model = distributed.build_model(config, cfg, mesh, device)
+        check_seq_len(model, cfg.seq_len)
+        dp = distributed.dp_size(mesh)
+        batches = TokenStream(args.data, "train", cfg.batch_size // dp, cfg.seq_len, seed=cfg.seed,
+                              rank=distributed.dp_rank(mesh), world_size=dp)
+        val_batches = _val_batches(args, meta)
+        tokenizer = Tokenizer.load(Path(args.data) / "tokenizer")
+        if main:
+            _write_run_files(out, args, tokenizer)
+            ranks = f" x {mesh.size()} ranks" if mesh is not None else ""
+            print(f"model: {model.num_params():,} parameters on {device}{ranks}; out: {out}")
+        result = train(model, batches, cfg, out_dir=out, val_batches=val_batches,
+                       resume_from=resume_from, mesh=mesh)
+        if main:
+            _export(model, mesh, result, out, tokenizer)
+            _print_summary(result, out)
     return result
 
 
-def _resume_point(out: Path, resume: bool) -> Path | None:
+def _export(model: Transformer, mesh, result: TrainResult, out: Path, tokenizer: Tokenizer) -> None:
+    """out/hf: from the model itself, or under a mesh from the final sharded checkpoint (rank 0
+    assembles the whole model there)."""
+    if mesh is None:
+        save_hf(model, out / "hf")
+    else:
+        export_hf(result.checkpoint, out / "hf")
+    tokenizer.save(out / "hf")
+
+
+def _resume_point(out: Path, resume: bool, main: bool = True) -> Path | None:
     ckpts = out / CHECKPOINT_DIR
     if not resume:
         if list_checkpoints(ckpts):
@@ -186,7 +208,8 @@ def _resume_point(out: Path, resume: bool) -> Path | None:
                              "that run, or choose another --out")
         return None
     path = latest_checkpoint(ckpts)
-    print(f"resuming from {path}" if path else f"no checkpoint in {ckpts}; starting from step 0")
+    if main:
+        print(f"resuming from {path}" if path else f"no checkpoint in {ckpts}; starting from step 0")
     return path
 
 

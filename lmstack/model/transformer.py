@@ -172,9 +172,10 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x, self)  # q_proj(x), k_proj(x), v_proj(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # -1, not n_heads: under tensor parallelism a rank holds H / tp heads (and Hkv / tp)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:

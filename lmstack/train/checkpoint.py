@@ -9,6 +9,9 @@ A checkpoint is a directory ROOT/step_00001000 holding
   config.json            the ModelConfig, so the weights can be loaded on their own
 Nothing is pickled: tensors go to safetensors, the rest to JSON.
 
+Sharded checkpoints (lmstack.train.dcp, written under torchrun) keep the same names and JSON
+files, with per-rank tensor files in place of the two .safetensors; every function here reads both.
+
 Atomicity: files are written and fsynced into a hidden `.tmp-*` directory which is then renamed
 to its final name in one step. A process killed mid-save leaves only a temporary directory
 (removed by the next save), never a half-written `step_*`; resuming picks the newest valid one.
@@ -174,15 +177,16 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> None:
 
 def validate_checkpoint(path: str | Path) -> dict:
     """Check every file is present and readable; return the trainer state. Raises
-    FileNotFoundError / CheckpointError naming the file at fault."""
+    FileNotFoundError / CheckpointError naming the file at fault. A sharded checkpoint
+    (lmstack.train.dcp) lists its tensor files in the trainer state ("files")."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {path}")
-    for name in FILES:
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"checkpoint {path} is missing {name}: it is incomplete or "
-                                    "was damaged; resume from an older checkpoint")
-    for name in (MODEL_FILE, OPTIMIZER_FILE):
+    _require(path, STATE_FILE)
+    tensor_files = _read_json(path / STATE_FILE).get("files", [MODEL_FILE, OPTIMIZER_FILE])
+    for name in [*tensor_files, CONFIG_FILE]:
+        _require(path, name)
+    for name in tensor_files:
         try:
             with safe_open(path / name, framework="pt") as f:
                 f.keys()
@@ -191,6 +195,17 @@ def validate_checkpoint(path: str | Path) -> dict:
                                   "resume from an older checkpoint") from e
     _read_json(path / CONFIG_FILE)
     return _read_json(path / STATE_FILE)
+
+
+def _require(path: Path, name: str) -> None:
+    if not (path / name).is_file():
+        raise FileNotFoundError(f"checkpoint {path} is missing {name}: it is incomplete or "
+                                "was damaged; resume from an older checkpoint")
+
+
+def is_sharded(state: dict) -> bool:
+    """Whether a trainer state (validate_checkpoint's result) belongs to a sharded checkpoint."""
+    return "files" in state
 
 
 def _read_json(path: Path) -> dict:
@@ -218,6 +233,9 @@ def load_checkpoint(path: str | Path, model: nn.Module,
     """Load weights (and optimizer state) in place; return the trainer state for the loop."""
     path = Path(path)
     state = validate_checkpoint(path)
+    if is_sharded(state):
+        from lmstack.train import dcp  # dcp builds on this module
+        return dcp.load_checkpoint(path, model, optimizer)
     if state.get("weights") == "trainable":
         load_trainable_weights(model, path)
     else:
@@ -253,5 +271,7 @@ def _few(names: set[str], limit: int = 6) -> list[str]:
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> Transformer:
     """A Transformer built from a checkpoint's config.json and weights (for sampling)."""
-    validate_checkpoint(path)
+    if is_sharded(validate_checkpoint(path)):
+        from lmstack.train import dcp
+        return dcp.load_model(path, device)
     return weights.load_model(path, device)

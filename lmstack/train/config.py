@@ -178,7 +178,8 @@ class TrainConfig:
     """Everything the training loop needs to know, apart from the model and the data."""
 
     batch_size: int = 16
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch, over all data-parallel ranks together (under torchrun each
+    reads batch_size / dp of them), so a run's batches do not depend on its layout."""
     seq_len: int = 256
     """Tokens per sequence; at most the model's max_seq_len."""
     grad_accum: int = 1

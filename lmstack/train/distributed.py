@@ -12,19 +12,42 @@ group ("dp_replicate", "dp_shard") read different batches; ranks that differ onl
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed._composable.replicate import replicate
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.overrides import TorchFunctionMode
 
-from lmstack.train.config import ParallelConfig
+from lmstack.kernels import FUSED, swap_linears
+from lmstack.model import ModelConfig, Transformer
+from lmstack.train.config import ParallelConfig, TrainConfig
+from lmstack.train.parallel import apply_activation_checkpointing, apply_compile, blocks
+from lmstack.train.precision import AUTOCAST_DTYPES, resolve_dtype
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 DP_DIMS = ("dp_replicate", "dp_shard")
 
-__all__ = ["DP_DIMS", "MESH_DIMS", "ParallelConfig", "build_mesh", "dp_rank", "dp_size",
-           "init_distributed", "is_distributed", "launched_world_size", "rank", "shutdown"]
+__all__ = ["DP_DIMS", "MESH_DIMS", "FullTensorInit", "ParallelConfig", "apply_fsdp",
+           "apply_tensor_parallel", "build_mesh", "build_model", "check_parallel", "dp_rank",
+           "dp_size", "init_distributed", "is_distributed", "launch", "launched_world_size", "parallelize",
+           "rank", "rank_prefix", "rank_state_bytes", "shutdown"]
 
 
 # ----------------------------------------------------------------------------- process group
@@ -54,6 +77,32 @@ def init_distributed(device: torch.device) -> torch.device:
         # device_id binds NCCL to this rank's GPU at once (no lazy, guessed binding)
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     return device
+
+
+def rank_prefix() -> str:
+    """'rank 1/4: ' under torchrun (from its environment, valid even before or after the
+    process group), '' for a plain process: what error messages start with."""
+    world = launched_world_size()
+    return f"rank {os.environ.get('RANK', '0')}/{world}: " if world > 1 else ""
+
+
+@contextlib.contextmanager
+def launch(device: torch.device, cfg: ParallelConfig) -> Iterator[tuple[torch.device, DeviceMesh | None]]:
+    """with launch(device, cfg.parallel) as (device, mesh): the body runs on every rank with
+    this rank's device and the mesh (None for a plain single process). A clean exit waits for
+    all ranks; an error leaves at once (the others may be gone: torchrun stops them)."""
+    world = launched_world_size()
+    check_world_size(cfg, world)
+    if world == 1:
+        yield device, None
+        return
+    device = init_distributed(device)
+    try:
+        yield device, build_mesh(cfg, device.type)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    shutdown()
 
 
 def shutdown() -> None:
@@ -97,3 +146,170 @@ def dp_rank(mesh: DeviceMesh | None) -> int:
 def dp_size(mesh: DeviceMesh | None) -> int:
     """How many ranks read different batches (dp_replicate x dp_shard)."""
     return 1 if mesh is None else mesh["dp_replicate"].size() * mesh["dp_shard"].size()
+
+
+# ----------------------------------------------------------------------------- strategies
+
+def check_parallel(model_config: ModelConfig, cfg: TrainConfig, world_size: int) -> None:
+    """Refuse, on every rank and before any collective, what the mesh cannot split."""
+    p = cfg.parallel
+    check_world_size(p, world_size)
+    for name, heads in (("n_heads", model_config.n_heads), ("n_kv_heads", model_config.n_kv_heads)):
+        if heads % p.tp:
+            raise ValueError(f"--train.parallel.tp={p.tp} does not divide the model's {name}="
+                             f"{heads}; choose a tp degree that divides both n_heads and n_kv_heads")
+    if p.tp > 1 and cfg.seq_len % p.tp:
+        raise ValueError(f"--train.seq-len={cfg.seq_len} is not a multiple of --train.parallel.tp="
+                         f"{p.tp}: sequence parallelism splits every sequence over the tp ranks")
+    if p.tp > 1 and cfg.fused_projections:
+        raise ValueError("--train.fused-projections concatenates q/k/v and gate/up weights, which "
+                         "tensor parallelism shards one by one; turn it off with --train.parallel.tp > 1")
+    if cfg.batch_size % p.dp:
+        raise ValueError(f"--train.batch-size={cfg.batch_size} (the global micro-batch) is not a "
+                         f"multiple of the data-parallel degree dp-replicate x dp-shard = {p.dp}")
+
+
+def parallelize(model: Transformer, cfg: TrainConfig, mesh: DeviceMesh) -> Transformer:
+    """Apply every transform to a (meta-device) single-device model, in torchtitan's order:
+      1. module swaps (fused projections), which must see the plain modules;
+      2. tensor + sequence parallelism over mesh["tp"];
+      3. activation checkpointing per block;
+      4. torch.compile per block;
+      5. FSDP2 over ("dp_replicate", "dp_shard") (HSDP when both exceed 1), or DDP when only
+         dp_replicate > 1 and nothing else splits the model.
+    Parameter names never change, so checkpoints look the same under any layout."""
+    p = cfg.parallel
+    check_parallel(model.config, cfg, mesh.size())
+    if cfg.fused_projections:
+        swap_linears(model, FUSED)
+    if p.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        apply_compile(model)
+    if p.dp_shard > 1 or (p.dp_replicate > 1 and (p.tp > 1 or p.pp > 1)):
+        apply_fsdp(model, mesh[DP_DIMS], _param_dtype(cfg, mesh.device_type))
+    elif p.dp_replicate > 1:
+        replicate(model, device_mesh=mesh["dp_replicate"])
+    return model
+
+
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style TP with sequence parallelism (Korthikanti et al. 2022).
+
+    Between blocks the residual stream is split along the sequence (Shard(1)); norms run on
+    their slice (SequenceParallel, their weights Replicate on the tp mesh). Attention and the MLP
+    gather the full sequence once at their input; q/k/v and gate/up are column-wise (each rank
+    owns H/tp heads, hidden/tp channels), o and down row-wise, whose partial sums are
+    reduce-scattered back to sequence slices. The embedding is split by vocabulary rows, the
+    head by vocabulary columns, its logits gathered whole. Every parameter ends up a DTensor
+    on the one tp mesh, so the gradient norm is one reduction."""
+    plan = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "norm": SequenceParallel()}
+    if model.pos_embed is not None:  # positions (T,) -> (T, C): its sequence dim is dim 0
+        plan["pos_embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0))
+    if model.lm_head is not None:
+        plan["lm_head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+    else:  # x @ embed_tokens.weight.T with the weight split by vocabulary rows
+        plan["tied_head"] = PrepareModuleInputOutput(
+            input_layouts=(Shard(1), Shard(0)), desired_input_layouts=(Replicate(), Shard(0)),
+            output_layouts=Shard(-1), desired_output_layouts=Replicate(), use_local_output=True)
+    parallelize_module(model, tp_mesh, plan)
+    for block in blocks(model):
+        layer = {"input_layernorm": SequenceParallel(),
+                 "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                                 desired_input_layouts=(Replicate(), None, None, None),
+                                                 use_local_output=True),
+                 "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+                 "self_attn.v_proj": ColwiseParallel(),
+                 "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+                 "post_attention_layernorm": SequenceParallel(),
+                 "mlp": PrepareModuleInput(input_layouts=(Shard(1),),
+                                           desired_input_layouts=(Replicate(),), use_local_output=True),
+                 "mlp.up_proj": ColwiseParallel(),
+                 "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1))}
+        if block.mlp.gated:
+            layer["mlp.gate_proj"] = ColwiseParallel()
+        parallelize_module(block, tp_mesh, layer)
+
+
+def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None) -> None:
+    """FSDP2: each block is one unit (its weights all-gathered just before its forward and
+    backward, gradients reduce-scattered after); the embeddings and the norm + head are units of
+    their own; the root takes whatever is left (a tied embedding, used at both ends). Gradients
+    are reduced in fp32 whatever the compute dtype."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    shard = functools.partial(fully_shard, mesh=dp_mesh, mp_policy=policy)
+    if not model.config.tie_embeddings:
+        shard([m for m in (model.embed_tokens, model.pos_embed) if m is not None])
+    for block in blocks(model):
+        shard(block)
+    if not model.config.tie_embeddings:
+        # kept unsharded after forward: backward needs it at once
+        shard([model.norm, model.lm_head], reshard_after_forward=False)
+    shard(model)
+
+
+def _param_dtype(cfg: TrainConfig, device_type: str) -> torch.dtype | None:
+    """FSDP2 all-gathers weights in the compute dtype (bf16 halves the traffic)."""
+    return AUTOCAST_DTYPES[resolve_dtype(cfg.precision.dtype, torch.device(device_type))]
+
+
+# ----------------------------------------------------------------------------- build and init
+
+def build_model(model_config: ModelConfig, cfg: TrainConfig, mesh: DeviceMesh | None,
+                device: torch.device) -> Transformer:
+    """The model for this rank: built on the meta device, parallelised, materialised and
+    initialised once, with the same weights as `Transformer.build(config, seed=cfg.seed)` (no
+    rank ever holds more than one full parameter at a time). mesh=None: that single build."""
+    if mesh is None:
+        return Transformer.build(model_config, device=device, seed=cfg.seed)
+    with torch.device("meta"):
+        model = Transformer(model_config)
+    parallelize(model, cfg, mesh)
+    model.to_empty(device=device)
+    torch.manual_seed(cfg.seed)
+    with FullTensorInit():
+        model.init_weights()
+    return model
+
+
+class FullTensorInit(TorchFunctionMode):
+    """While active, a torch.nn.init function called on a DTensor parameter fills the full
+    tensor first (same shape, same generator, so the same draws as a single process) and keeps
+    this rank's shard of it. Without it each rank would draw only its shard, from a generator
+    advanced differently than in a single process."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) != "torch.nn.init":
+            return func(*args, **kwargs)
+        bound = inspect.signature(func).bind(*args, **kwargs)
+        param = bound.arguments["tensor"]
+        if not isinstance(param, DTensor):
+            return func(*args, **kwargs)
+        full = torch.empty(param.shape, dtype=param.dtype, device=param.device)
+        bound.arguments["tensor"] = full
+        func(*bound.args, **bound.kwargs)
+        # Replicate -> the parameter's placements is a local slice on every rank: no communication
+        whole = DTensor.from_local(full, param.device_mesh, [Replicate()] * param.device_mesh.ndim,
+                                   run_check=False)
+        param.to_local().copy_(whole.redistribute(param.device_mesh, param.placements).to_local())
+        return param
+
+
+# ----------------------------------------------------------------------------- accounting
+
+def rank_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state that this rank holds (its own shards
+    of DTensors): what FSDP2 divides by the dp_shard degree and TP by the tp degree."""
+    def nbytes(t: torch.Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())
+    return {"params": sum(nbytes(p) for p in params),
+            "grads": sum(nbytes(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(nbytes(v) for state in optimizer.state.values()
+                             for v in state.values() if isinstance(v, torch.Tensor))}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -24,8 +25,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from lmstack.kernels import FUSED, swap_linears
+from lmstack.train import dcp
 from lmstack.train.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -34,11 +37,13 @@ from lmstack.train.checkpoint import (
     set_rng_state,
 )
 from lmstack.train.config import TrainConfig
+from lmstack.train.distributed import dp_size, rank
 from lmstack.train.metrics import MetricsLog, StepStats
 from lmstack.train.optim import make_optimizer, set_lr, trainable_parameters
 from lmstack.train.parallel import (
     apply_activation_checkpointing,
     apply_compile,
+    global_max,
     global_sum,
     world_size,
 )
@@ -143,13 +148,17 @@ def keep_freed_memory() -> bool:
 def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
           out_dir: str | Path | None = None, val_batches: Sequence[Batch] | None = None,
           loss_fn: LossFn = cross_entropy_sum, hooks: Sequence[Hook] = (),
-          resume_from: str | Path | None = None, base: dict | None = None) -> TrainResult:
+          resume_from: str | Path | None = None, base: dict | None = None,
+          mesh: DeviceMesh | None = None) -> TrainResult:
     """Train `model` in place until cfg.max_steps or cfg.max_time_s.
 
     out_dir receives metrics.jsonl, TensorBoard logs, checkpoints/ and loss_curve.png (None:
     nothing is written). resume_from is a checkpoint directory to continue from exactly.
     base describes where the frozen weights come from when only some parameters train (LoRA:
     checkpoints then hold the trainable ones only); it is kept in each checkpoint's trainer state.
+    mesh: the DeviceMesh of a torchrun launch, with `model` already parallelised over it
+    (distributed.build_model); every rank calls train(), rank 0 alone logs and plots, and
+    checkpoints are sharded (train.dcp).
     """
     check_seq_len(model, cfg.seq_len)
     device = next(model.parameters()).device
@@ -157,17 +166,18 @@ def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
     if device.type == "cpu":
         keep_freed_memory()
     optimizer = make_optimizer(model, cfg.optim)
-    run = _start(model, optimizer, precision, batches, cfg, resume_from)
-    _apply_transforms(model, cfg)
+    run = _start(model, optimizer, precision, batches, cfg, resume_from, mesh)
+    if mesh is None:  # under a mesh, distributed.parallelize applied them before sharding
+        _apply_transforms(model, cfg)
     loss_fn = loss_for(loss_fn, cfg)
     flops_per_token = _flops_per_token(model, cfg)
-    log = MetricsLog(out_dir, cfg.logging, run.step, cfg.max_steps)
+    log = _metrics_log(out_dir, cfg, run.step)
     result = TrainResult(run.step, [], None, None, None)
     model.train()
     try:
         while not _finished(cfg, run):
             stats = _train_step(model, batches, loss_fn, optimizer, precision, cfg, run,
-                                flops_per_token)
+                                flops_per_token, dp_size(mesh))
             last = _finished(cfg, run)
             if val_batches and (last or _due(run.step, cfg.eval.every)):
                 stats.val_loss = evaluate(model, val_batches, loss_fn, precision)
@@ -179,14 +189,15 @@ def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
             result.losses.append(stats.loss)
             if out_dir is not None and (last or _due(run.step, cfg.checkpoint.every)):
                 result.checkpoint = _save(Path(out_dir), model, optimizer, precision, batches,
-                                          cfg, run, base)
+                                          cfg, run, base, mesh)
     finally:
         log.close()
     result.step = run.step
     return result
 
 
-def _train_step(model, batches, loss_fn, optimizer, precision, cfg, run, flops_per_token) -> StepStats:
+def _train_step(model, batches, loss_fn, optimizer, precision, cfg, run, flops_per_token,
+                dp: int = 1) -> StepStats:
     t0 = time.perf_counter()
     progress = run_progress(cfg, run.step, run.elapsed_s)
     lr = cfg.optim.lr * lr_multiplier(cfg.schedule, run.step, progress)
@@ -196,8 +207,9 @@ def _train_step(model, batches, loss_fn, optimizer, precision, cfg, run, flops_p
     loss, valid = accumulate_gradients(model, micro, loss_fn, precision)
     grad_norm = precision.step(optimizer, trainable_parameters(model), cfg.optim.grad_clip)
     optimizer.zero_grad(set_to_none=True)
-    dt = time.perf_counter() - t0
-    tokens = sum(batch[0].numel() for batch in micro)
+    # the slowest rank's time: every rank must agree on time budgets and the schedule's progress
+    dt = global_max(time.perf_counter() - t0)
+    tokens = sum(batch[0].numel() for batch in micro) * dp  # over the dp ranks' slices
     run.step += 1
     run.tokens_seen += tokens
     run.elapsed_s += dt
@@ -214,8 +226,9 @@ def accumulate_gradients(model: nn.Module, micro_batches: Sequence[Batch], loss_
 
     Each micro-batch's summed loss is divided by the valid-token count of the whole step (all
     micro-batches, all ranks), never by its own count: otherwise a micro-batch with few valid
-    tokens would weigh as much as a full one. DDP averages gradients over ranks, hence the
-    world_size factor.
+    tokens would weigh as much as a full one. DDP and FSDP2 average gradients over the dp ranks,
+    hence the world_size factor. Ranks of one tensor-parallel group read the same batch, so
+    the world count is tp x the dp count and tp cancels out of world_size / valid.
     """
     local = sum((batch[1] != IGNORE_INDEX).sum() for batch in micro_batches)
     valid = global_sum(local).clamp(min=1)  # an all-masked step gives zero gradients, not NaN
@@ -273,27 +286,38 @@ def check_seq_len(model: nn.Module, seq_len: int) -> None:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _start(model, optimizer, precision, batches, cfg, resume_from) -> RunState:
+def _start(model, optimizer, precision, batches, cfg, resume_from, mesh=None) -> RunState:
     """Fresh run: seed every generator. Resume: restore weights, optimizer, scaler, data
-    position and RNG exactly as they were when the checkpoint was written."""
+    position and RNG exactly as they were when the checkpoint was written (under a mesh from
+    a checkpoint of any layout, resliced; RNG states are rank 0's, the same on every rank)."""
     if resume_from is None:
         seed_everything(cfg.seed)
         return RunState()
-    state = load_checkpoint(resume_from, model, optimizer)
+    load = load_checkpoint if mesh is None else dcp.load_checkpoint
+    state = load(resume_from, model, optimizer)
     precision.load_state_dict(state["scaler"])
     batches.load_state_dict(state["data"])
     set_rng_state(state["rng"])
     return RunState(state["step"], state["tokens_seen"], state["elapsed_s"])
 
 
-def _save(out_dir: Path, model, optimizer, precision, batches, cfg, run, base) -> Path:
+def _save(out_dir: Path, model, optimizer, precision, batches, cfg, run, base, mesh=None) -> Path:
     trainer_state = {"tokens_seen": run.tokens_seen, "elapsed_s": run.elapsed_s,
                      "scaler": precision.state_dict(), "data": batches.state_dict(),
                      "rng": rng_state(), "train_config": cfg.to_dict()}
     if base is not None:
         trainer_state["base"] = base
-    return save_checkpoint(out_dir / CHECKPOINT_DIR, run.step, model, optimizer, trainer_state,
-                           keep_last=cfg.checkpoint.keep_last)
+    save = save_checkpoint if mesh is None else dcp.save_checkpoint
+    return save(out_dir / CHECKPOINT_DIR, run.step, model, optimizer, trainer_state,
+                keep_last=cfg.checkpoint.keep_last)
+
+
+def _metrics_log(out_dir, cfg: TrainConfig, start_step: int) -> MetricsLog:
+    """Rank 0 writes metrics, TensorBoard, the bar and the plot; other ranks nothing."""
+    if rank() == 0:
+        return MetricsLog(out_dir, cfg.logging, start_step, cfg.max_steps)
+    quiet = dataclasses.replace(cfg.logging, progress_bar=False, tensorboard=False, plot=False)
+    return MetricsLog(None, quiet, start_step, cfg.max_steps)
 
 
 def _apply_transforms(model: nn.Module, cfg: TrainConfig) -> None:

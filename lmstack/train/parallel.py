@@ -1,7 +1,8 @@
 """Transforms the loop applies to a single-device model from outside, one block at a time.
 
-Order (as torchtitan's parallelize does): activation checkpointing, then compile; data/fully
-sharded parallelism (DDP, FSDP2) will wrap after these. None of them renames a parameter, so
+Order (as torchtitan's parallelize does): activation checkpointing, then compile; under
+torchrun, lmstack.train.distributed.parallelize puts tensor parallelism before these and
+FSDP2 / DDP after them. None of them renames a parameter, so
 checkpoints look the same whichever are on.
 """
 
@@ -54,6 +55,15 @@ def global_sum(value: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         value = value.clone()
         dist.all_reduce(value)
+    return value
+
+
+def global_max(value: float) -> float:
+    """The largest value over all ranks (identity on one process)."""
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor(value, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        value = t.item()
     return value
 
 

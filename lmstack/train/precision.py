@@ -23,6 +23,7 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 
 from lmstack.model.cpu import NATIVE_CPU_BF16
@@ -143,6 +144,8 @@ class Precision:
         self.scaler.unscale_(optimizer)
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if isinstance(norm, DTensor):  # FSDP2 / TP shards: sum the partial squares over the mesh
+            norm = norm.full_tensor()
         if stage_group is not None:
             squared = norm.pow(2)
             dist.all_reduce(squared, group=stage_group)

@@ -100,8 +100,8 @@ def run_layout(data: Path, parallel: ParallelConfig, out_dir: Path | None = None
 
 # ----------------------------------------------------------------------------- the worker (per rank)
 
-def scenario_parity(data: Path, out: Path, name: str, parallel: ParallelConfig) -> dict:
-    rec, model, _ = run_layout(data, parallel, out_dir=out / name)
+def scenario_parity(data: Path, out: Path, name: str, parallel: ParallelConfig, **overrides) -> dict:
+    rec, model, _ = run_layout(data, parallel, out_dir=out / name, **overrides)
     weights = full_weights(model)
     if distributed.rank() == 0:
         save_file(weights, out / f"{name}.safetensors")
@@ -185,7 +185,9 @@ SCENARIOS = {
     "ddp": lambda d, o: scenario_parity(d, o, "ddp", ParallelConfig(dp_replicate=2)),
     "fsdp": lambda d, o: scenario_parity(d, o, "fsdp", ParallelConfig(dp_shard=2)),
     "tp": lambda d, o: scenario_parity(d, o, "tp", ParallelConfig(tp=2)),
-    "fsdp_tp": lambda d, o: scenario_parity(d, o, "fsdp_tp", ParallelConfig(dp_shard=2, tp=2)),
+    "fsdp_tp": lambda d, o: scenario_parity(d, o, "fsdp_tp", ParallelConfig(dp_shard=2, tp=2),
+                                            activation_checkpointing=True),
+    "hsdp": lambda d, o: scenario_parity(d, o, "hsdp", ParallelConfig(dp_replicate=2, dp_shard=2)),
     "resume_1to2": lambda d, o: scenario_resume(d, o, "resume_1to2", ParallelConfig(dp_shard=2),
                                                 o.parent / "single" / "checkpoints" / "step_00000005"),
     "resume_fsdp_to_tp": lambda d, o: scenario_resume(d, o, "resume_fsdp_to_tp", ParallelConfig(tp=2),
@@ -317,14 +319,16 @@ def test_a_nan_in_one_shard_shows_in_every_ranks_grad_norm(two_ranks):
     assert [r["nan_norm"]["norm"] for r in results] == ["nan", "nan"]
 
 
-def test_fsdp2_times_tp_on_four_processes(data, single):
+def test_fsdp2_times_tp_and_hsdp_on_four_processes(data, single):
+    """FSDP2 x TP (with activation checkpointing) and HSDP (2 replicas x 2 shards)."""
     out = single["root"] / "four"
     out.mkdir()
-    proc = launch(4, ["fsdp_tp", str(data), str(out)], out)
+    proc = launch(4, ["fsdp_tp,hsdp", str(data), str(out)], out)
     results = rank_results(out, proc, 4)
-    for r in results:
-        assert r["fsdp_tp"] == results[0]["fsdp_tp"]
-    assert_matches(single, results[0]["fsdp_tp"], load_file(out / "fsdp_tp.safetensors"))
+    for name in ("fsdp_tp", "hsdp"):
+        for r in results:
+            assert r[name] == results[0][name]
+        assert_matches(single, results[0][name], load_file(out / f"{name}.safetensors"))
 
 
 def pretrain_flags(data: Path, out: Path, *extra: str) -> list[str]:
@@ -342,8 +346,8 @@ def test_pretrain_command_under_torchrun(data, tmp_path):
     from lmstack.model.hf import load_hf
 
     assert pretrain_cli.main(pretrain_flags(data, tmp_path / "one")[1:]) == 0
-    proc = launch(2, pretrain_flags(data, tmp_path / "two", "--train.parallel.dp-shard", "2"),
-                  tmp_path, module=True)
+    proc = launch(2, pretrain_flags(data, tmp_path / "two", "--train.parallel.dp-shard", "2",
+                                    "--train.checkpoint.keep-last", "1"), tmp_path, module=True)
     two = tmp_path / "two"
     assert (two / "hf" / "model.safetensors").exists(), proc.stderr[-4000:]
     assert proc.stdout.count("step 4: train loss") == 1  # rank 0 only
@@ -354,7 +358,7 @@ def test_pretrain_command_under_torchrun(data, tmp_path):
     ckpt = two / "checkpoints" / "step_00000004"
     tokens = torch.arange(10)[None]
     torch.testing.assert_close(load_hf(two / "hf")(tokens), load_model(ckpt)(tokens))
-    assert [p.name for p in list_checkpoints(two / "checkpoints")] == ["step_00000002", "step_00000004"]
+    assert [p.name for p in list_checkpoints(two / "checkpoints")] == ["step_00000004"]  # keep-last 1
 
 
 def test_pretrain_command_refuses_a_wrong_mesh_on_every_rank(data, tmp_path):

@@ -47,6 +47,7 @@ from lmstack.train.parallel import (
     global_sum,
     world_size,
 )
+from lmstack.train.pipeline import Pipeline
 from lmstack.train.precision import Precision
 from lmstack.train.schedule import lr_multiplier, run_progress
 
@@ -161,6 +162,9 @@ def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
     checkpoints are sharded (train.dcp).
     """
     check_seq_len(model, cfg.seq_len)
+    pipeline = _pipeline(model, cfg, mesh, loss_fn, out_dir)
+    if pipeline is not None:
+        model = pipeline.module  # this rank's stage: what it trains, clips and saves
     device = next(model.parameters()).device
     precision = Precision(cfg.precision.dtype, device)
     if device.type == "cpu":
@@ -177,10 +181,11 @@ def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
     try:
         while not _finished(cfg, run):
             stats = _train_step(model, batches, loss_fn, optimizer, precision, cfg, run,
-                                flops_per_token, dp_size(mesh))
+                                flops_per_token, dp_size(mesh), pipeline)
             last = _finished(cfg, run)
             if val_batches and (last or _due(run.step, cfg.eval.every)):
-                stats.val_loss = evaluate(model, val_batches, loss_fn, precision)
+                stats.val_loss = (evaluate(model, val_batches, loss_fn, precision) if pipeline is None
+                                  else pipeline.evaluate(val_batches, precision))
                 stats.val_ppl = perplexity(stats.val_loss)
                 result.val_loss, result.val_ppl = stats.val_loss, stats.val_ppl
             for hook in hooks:
@@ -197,15 +202,19 @@ def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
 
 
 def _train_step(model, batches, loss_fn, optimizer, precision, cfg, run, flops_per_token,
-                dp: int = 1) -> StepStats:
+                dp: int = 1, pipeline: Pipeline | None = None) -> StepStats:
     t0 = time.perf_counter()
     progress = run_progress(cfg, run.step, run.elapsed_s)
     lr = cfg.optim.lr * lr_multiplier(cfg.schedule, run.step, progress)
     set_lr(optimizer, lr)
     device = next(model.parameters()).device
     micro = [_to_device(batches.next_batch(), device) for _ in range(cfg.grad_accum)]
-    loss, valid = accumulate_gradients(model, micro, loss_fn, precision)
-    grad_norm = precision.step(optimizer, trainable_parameters(model), cfg.optim.grad_clip)
+    if pipeline is None:
+        loss, valid = accumulate_gradients(model, micro, loss_fn, precision)
+    else:  # the schedule runs every microbatch forward and backward through the stages
+        loss, valid = pipeline.step(micro, precision)
+    grad_norm = precision.step(optimizer, trainable_parameters(model), cfg.optim.grad_clip,
+                               stage_group=pipeline.group if pipeline else None)
     optimizer.zero_grad(set_to_none=True)
     # the slowest rank's time: every rank must agree on time budgets and the schedule's progress
     dt = global_max(time.perf_counter() - t0)
@@ -310,6 +319,24 @@ def _save(out_dir: Path, model, optimizer, precision, batches, cfg, run, base, m
     save = save_checkpoint if mesh is None else dcp.save_checkpoint
     return save(out_dir / CHECKPOINT_DIR, run.step, model, optimizer, trainer_state,
                 keep_last=cfg.checkpoint.keep_last)
+
+
+def _pipeline(model: nn.Module, cfg: TrainConfig, mesh: DeviceMesh | None, loss_fn: LossFn,
+              out_dir) -> Pipeline | None:
+    """The schedule that steps this rank's pipeline stage (None unless --train.parallel.pp > 1)."""
+    if cfg.parallel.pp == 1:
+        return None
+    if mesh is None:
+        raise ValueError(f"--train.parallel.pp={cfg.parallel.pp} needs a torchrun launch: pass "
+                         "train() the mesh of distributed.build_mesh")
+    if loss_fn is not cross_entropy_sum:
+        raise ValueError("pipeline stages compute the default cross-entropy on the last stage; "
+                         "a custom loss_fn needs --train.parallel.pp=1")
+    if out_dir is not None:  # train.dcp keys optimizer state by each rank's own numbering
+        raise ValueError("checkpoints of pipeline stages are not supported yet (the stages' "
+                         "optimizer state numbers collide in a sharded checkpoint); train with "
+                         "--train.parallel.pp > 1 without an output directory")
+    return Pipeline(model, mesh, cfg.parallel, token_cross_entropy_sum, IGNORE_INDEX)
 
 
 def _metrics_log(out_dir, cfg: TrainConfig, start_step: int) -> MetricsLog:

@@ -34,6 +34,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from lmstack.model.cache import causal_mask
 from lmstack.model.transformer import Transformer
 from lmstack.train.config import ParallelConfig
+from lmstack.train.optim import param_groups
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -74,6 +75,18 @@ class StageModule(nn.Module):
         if self.config.pos == "rope":
             self.register_buffer("rope_cos", model.rope_cos, persistent=False)
             self.register_buffer("rope_sin", model.rope_sin, persistent=False)
+        names = {id(p): name for name, p in model.named_parameters()}
+        # the whole model's trainable parameters in a single-process optimizer's order
+        self.single_process_order = [names[id(p)] for group in param_groups(model, 0.0)
+                                     for p in group["params"]]
+
+    def optimizer_positions(self, optimizer: torch.optim.Optimizer) -> list[int]:
+        """Where each parameter of this stage's optimizer (in its order) sits in a
+        single-process optimizer of the whole model: the numbering a checkpoint keys optimizer
+        state by, the same on every stage (their own numbering would collide)."""
+        position = {name: i for i, name in enumerate(self.single_process_order)}
+        names = {id(p): name for name, p in self.named_parameters()}
+        return [position[names[id(p)]] for group in optimizer.param_groups for p in group["params"]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[1]

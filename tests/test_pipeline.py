@@ -54,6 +54,7 @@ def step_batches(batch_size: int, grad_accum: int, seed: int = 7) -> list:
 def run_config(spec: dict):
     return quiet_config(batch_size=spec["batch_size"], grad_accum=spec["grad_accum"], seq_len=16,
                         max_steps=STEPS, eval=EvalConfig(every=5),
+                        activation_checkpointing=spec.get("activation_checkpointing", False),
                         parallel=ParallelConfig(**spec.get("parallel", {})))
 
 
@@ -88,6 +89,9 @@ RUNS = {
     # 3 x 2 = 6 rows, 4 microbatches: 2 padding rows (evaluation: 3 rows padded to 8)
     "1f1b-padded": {"n_layers": 3, "batch_size": 3, "grad_accum": 2,
                     "parallel": {"pp": 2, "pp_schedule": "1f1b", "microbatches": 4}},
+    # the same with each block's activations recomputed in backward
+    "1f1b-recompute": {"n_layers": 3, "batch_size": 3, "grad_accum": 2, "activation_checkpointing": True,
+                       "parallel": {"pp": 2, "pp_schedule": "1f1b", "microbatches": 4}},
     "too-many-stages": {"n_layers": 1, "batch_size": 2, "grad_accum": 1,
                         "parallel": {"pp": 2, "pp_schedule": "gpipe"}},
     "checkpointed": {"n_layers": 2, "batch_size": 2, "grad_accum": 1, "out_dir": True,
@@ -247,7 +251,7 @@ def test_pipeline_flags_are_checked():
 
 # ----------------------------------------------------------------------------- 2 stages, torchrun
 
-@pytest.mark.parametrize("name", ["gpipe", "1f1b-padded"])
+@pytest.mark.parametrize("name", ["gpipe", "1f1b-padded", "1f1b-recompute"])
 def test_two_stages_train_like_one_process(launched, name):
     """10 steps, the same global batch: every rank logs the same losses, gradient norms
     (clipped globally) and validation loss as one process; the stages end with its weights."""

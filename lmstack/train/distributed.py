@@ -45,7 +45,8 @@ MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 DP_DIMS = ("dp_replicate", "dp_shard")
 
 __all__ = ["DP_DIMS", "MESH_DIMS", "FullTensorInit", "ParallelConfig", "apply_fsdp",
-           "apply_tensor_parallel", "build_mesh", "build_model", "check_parallel", "dp_rank",
+           "apply_tensor_parallel", "build_mesh", "build_model", "check_parallel", "check_shardable",
+           "check_tp_linears", "dp_rank", "full_tensors",
            "dp_size", "init_distributed", "is_distributed", "launch", "launched_world_size", "parallelize",
            "rank", "rank_prefix", "rank_state_bytes", "shutdown"]
 
@@ -183,16 +184,31 @@ def parallelize(model: Transformer, cfg: TrainConfig, mesh: DeviceMesh) -> Trans
     if cfg.fused_projections:
         swap_linears(model, FUSED)
     if p.tp > 1:
+        check_tp_linears(model)
         apply_tensor_parallel(model, mesh["tp"])
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:
         apply_compile(model)
     if p.dp_shard > 1 or (p.dp_replicate > 1 and (p.tp > 1 or p.pp > 1)):
-        apply_fsdp(model, mesh[DP_DIMS], _param_dtype(cfg, mesh.device_type))
+        dp_mesh = mesh["dp_shard"] if p.dp_replicate == 1 else mesh[DP_DIMS]  # 2-D: HSDP
+        apply_fsdp(model, dp_mesh, _param_dtype(cfg, mesh.device_type))
     elif p.dp_replicate > 1:
         replicate(model, device_mesh=mesh["dp_replicate"])
     return model
+
+
+TP_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def check_tp_linears(model: nn.Module) -> None:
+    """TP's styles split nn.Linear weights; a swapped-in module (LoRA, quantized) is refused."""
+    other = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+             if n.endswith(TP_LINEARS) and not isinstance(m, nn.Linear)]
+    if other:
+        raise ValueError(f"tensor parallelism splits nn.Linear weights, and {other[:3]} are not "
+                         "nn.Linear (LoRA or quantized linears): train them with "
+                         "--train.parallel.tp=1, sharded by --train.parallel.dp-shard")
 
 
 def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
@@ -239,6 +255,7 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype: torch.dtype
     backward, gradients reduce-scattered after); the embeddings and the norm + head are units of
     their own; the root takes whatever is left (a tied embedding, used at both ends). Gradients
     are reduced in fp32 whatever the compute dtype."""
+    check_shardable(model, dp_mesh.size())
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     shard = functools.partial(fully_shard, mesh=dp_mesh, mp_policy=policy)
     if not model.config.tie_embeddings:
@@ -249,6 +266,19 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype: torch.dtype
         # kept unsharded after forward: backward needs it at once
         shard([model.norm, model.lm_head], reshard_after_forward=False)
     shard(model)
+
+
+def check_shardable(model: nn.Module, shards: int) -> None:
+    """FSDP2 splits every parameter along dim 0. A plain tensor always splits (padded); a
+    tensor subclass splits only as its own rules allow (torchao's NF4: every inner tensor, down
+    to the scale groups, must divide evenly). Refuse before any rank starts sharding."""
+    for name, param in model.named_parameters():
+        try:
+            torch.chunk(param.data, shards, dim=0)
+        except (AssertionError, RuntimeError, ValueError) as e:
+            raise ValueError(f"{name} ({type(param.data).__name__}, {tuple(param.shape)}) cannot be "
+                             f"split into {shards} FSDP2 shards ({e}); choose a "
+                             "--train.parallel.dp-shard its blocks divide into") from e
 
 
 def _param_dtype(cfg: TrainConfig, device_type: str) -> torch.dtype | None:
@@ -300,6 +330,12 @@ class FullTensorInit(TorchFunctionMode):
 
 
 # ----------------------------------------------------------------------------- accounting
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each DTensor gathered whole (a collective: every rank calls it), plain tensors as they
+    are; e.g. the LoRA adapters that rank 0 then saves in PEFT format."""
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+
 
 def rank_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes of parameters, gradients and optimizer state that this rank holds (its own shards

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmstack.finetune.lora import apply_lora, load_lora_state_dict, lora_modules
+from lmstack.finetune.lora import apply_lora, load_lora_state_dict, lora_modules, lora_state_dict
 from lmstack.model.hf import hf_model_type
 
 CONFIG_FILE, WEIGHTS_FILE, LMSTACK_FILE = ("adapter_config.json", "adapter_model.safetensors",
@@ -43,18 +43,23 @@ def _lmstack_name(hf_path: str) -> str:
 
 
 def save_adapter(model: nn.Module, path: str | Path, base_name_or_path: str = "",
-                 quantized_base: str | None = None) -> Path:
-    """Write the model's adapters as a PEFT adapter directory; return it."""
+                 quantized_base: str | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the model's adapters as a PEFT adapter directory; return it.
+
+    state: the adapter tensors by lmstack name, as lora_state_dict names them, when they are
+    not the modules' own (gathered to full tensors on rank 0 of a sharded run, say)."""
     from safetensors.torch import save_file
     modules = lora_modules(model)
     if not modules:
         raise ValueError("the model has no LoRA adapters to save; apply_lora first")
     first = next(iter(modules.values()))
+    state = state if state is not None else lora_state_dict(model)
     tensors = {}
-    for name, m in modules.items():
+    for name in modules:
         hf = PREFIX + hf_module_path(model, name)
-        tensors[f"{hf}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()
-        tensors[f"{hf}.lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()
+        for ab in "AB":
+            tensors[f"{hf}.lora_{ab}.weight"] = state[f"{name}.lora_{ab}"].detach().float().cpu().contiguous()
     dropout = getattr(first.dropout, "p", 0.0)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r,
               "lora_alpha": first.alpha, "lora_dropout": dropout, "use_rslora": first.rslora,

@@ -4,8 +4,7 @@ mesh's "pp" dimension, run by torch.distributed.pipelining's GPipe or 1F1B sched
   * Stages. Stage 0 holds the token (and position) embedding, the last stage the final norm and
     the head; the layers are split evenly, earlier stages taking one more where they don't
     divide. A stage keeps its modules under their names in the full model (`layers.3.mlp...`),
-    so the stages' state_dicts are disjoint parts of the model's and a sharded checkpoint
-    saves and loads them as they are.
+    so the stages' state_dicts are disjoint parts of the model's.
   * One step. The loop's micro-batches of the step are concatenated into one batch, padded
     with fully masked rows to a multiple of the pipeline's microbatches (they add nothing to
     the loss and nothing to the gradients), and the schedule runs forward and backward of every
@@ -35,6 +34,7 @@ from lmstack.model.cache import causal_mask
 from lmstack.model.transformer import Transformer
 from lmstack.train.config import ParallelConfig
 from lmstack.train.optim import param_groups
+from lmstack.train.precision import Precision
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -158,7 +158,7 @@ class Pipeline:
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.token_loss(logits, targets) * self._scale
 
-    def step(self, micro_batches: Sequence[Batch], precision) -> tuple[float, int]:
+    def step(self, micro_batches: Sequence[Batch], precision: Precision) -> tuple[float, int]:
         """Forward + backward of the step's micro-batches through the pipeline, into .grad of
         this stage's parameters; returns (mean token loss, valid tokens), as
         accumulate_gradients does (the same numbers on every rank)."""
@@ -176,7 +176,7 @@ class Pipeline:
         return mean.item(), int(valid.item())
 
     @torch.no_grad()
-    def evaluate(self, batches: Sequence[Batch], precision) -> float:
+    def evaluate(self, batches: Sequence[Batch], precision: Precision) -> float:
         """Mean loss per valid target token over `batches`, through the pipeline in steps of
         the training step's rows (the stages' buffers were shaped for them)."""
         inputs = torch.cat([batch[0] for batch in batches])

@@ -228,6 +228,7 @@ SCENARIOS = {
     "resume_fsdp_to_tp": lambda d, o: scenario_resume(d, o, "resume_fsdp_to_tp", ParallelConfig(tp=2),
                                                       o / "fsdp" / "checkpoints" / "step_00000005"),
     "memory": lambda d, o: state_bytes_after_backward(d, ParallelConfig(dp_shard=2)),
+    "memory_tp": lambda d, o: state_bytes_after_backward(d, ParallelConfig(tp=2)),
     "bad_configs": scenario_bad_configs,
     "lora": lambda d, o: scenario_lora(d, o, "lora", qlora=False),
     "qlora": lambda d, o: scenario_lora(d, o, "qlora", qlora=True),
@@ -288,7 +289,7 @@ def two_ranks(data, single) -> tuple[Path, list[dict], subprocess.CompletedProce
     bad configs and the NaN norm (the order matters: later scenarios read earlier checkpoints)."""
     out = single["root"] / "two"
     out.mkdir()
-    names = ["ddp", "fsdp", "tp", "resume_1to2", "resume_fsdp_to_tp", "memory", "bad_configs",
+    names = ["ddp", "fsdp", "tp", "resume_1to2", "resume_fsdp_to_tp", "memory", "memory_tp", "bad_configs",
              "nan_norm", "lora", "qlora"]
     proc = launch(2, [",".join(names), str(data), str(out)], out)
     return out, rank_results(out, proc, 2), proc
@@ -331,13 +332,16 @@ def test_resume_one_process_to_two_ranks_and_fsdp_to_tp(two_ranks, single):
         assert_matches(single, results[0][name], load_file(out / f"{name}.safetensors"), first=HALF)
 
 
-def test_fsdp2_holds_about_half_the_state_per_rank(two_ranks, single):
+@pytest.mark.parametrize("layout", ["memory", "memory_tp"])
+def test_fsdp2_and_tp_hold_about_half_the_state_per_rank(two_ranks, single, layout):
+    """Parameters + gradients + optimizer state on each of 2 ranks: FSDP2 shards all three;
+    TP all but the norms (its gradients laid out like their parameters)."""
     _, results, _ = two_ranks
     whole = sum(single["bytes"].values())
     for r in results:
-        mine = sum(r["memory"].values())
-        assert mine <= 0.55 * whole, (r["memory"], single["bytes"])
-        assert r["memory"]["grads"] > 0 and r["memory"]["optimizer"] > 0
+        mine = sum(r[layout].values())
+        assert mine <= 0.55 * whole, (r[layout], single["bytes"])
+        assert r[layout]["grads"] > 0 and r[layout]["optimizer"] > 0
 
 
 def test_bad_configs_fail_on_every_rank_with_a_clear_error(two_ranks):

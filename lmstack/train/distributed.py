@@ -195,7 +195,13 @@ def parallelize(model: Transformer, cfg: TrainConfig, mesh: DeviceMesh) -> Trans
         apply_fsdp(model, dp_mesh, _param_dtype(cfg, mesh.device_type))
     elif p.dp_replicate > 1:
         replicate(model, device_mesh=mesh["dp_replicate"])
+    elif _tp_alone(p) and next(model.parameters()).device.type != "meta":
+        lay_out_grads_like_params(model)  # (FSDP2 lays out TP gradients itself)
     return model
+
+
+def _tp_alone(p: ParallelConfig) -> bool:
+    return p.tp > 1 and p.dp_shard == 1 and p.dp_replicate == 1
 
 
 TP_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -250,6 +256,21 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
         parallelize_module(block, tp_mesh, layer)
 
 
+def lay_out_grads_like_params(model: nn.Module) -> None:
+    """DTensor's backward can leave a gradient laid out unlike its parameter: the sharded
+    embedding's comes back Replicate (whole on every rank), sequence-parallel norms' Partial
+    (unreduced). Redistribute each as it is accumulated, so a gradient takes the memory of its
+    parameter (a Replicate -> Shard step is a local slice) and the optimizer sees matching
+    layouts."""
+    def match(param: torch.Tensor) -> None:
+        if param.grad.placements != param.placements:
+            param.grad = param.grad.redistribute(param.device_mesh, param.placements)
+
+    for param in model.parameters():
+        if isinstance(param, DTensor) and param.requires_grad:
+            param.register_post_accumulate_grad_hook(match)
+
+
 def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None) -> None:
     """FSDP2: each block is one unit (its weights all-gathered just before its forward and
     backward, gradients reduce-scattered after); the embeddings and the norm + head are units of
@@ -299,6 +320,8 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig, mesh: DeviceMesh | 
         model = Transformer(model_config)
     parallelize(model, cfg, mesh)
     model.to_empty(device=device)
+    if _tp_alone(cfg.parallel):  # hooks registered on meta parameters would not survive to_empty
+        lay_out_grads_like_params(model)
     torch.manual_seed(cfg.seed)
     with FullTensorInit():
         model.init_weights()

@@ -30,6 +30,7 @@ from lmstack.infer.sampling import SamplingParams
 from lmstack.infer.scheduler import ScheduledBatch, Scheduler
 from lmstack.infer.sequence import FinishReason, Sequence
 from lmstack.infer.speculative import SpeculativeDecoder
+from lmstack.infer.structured import Constraint
 from lmstack.kernels import CPU_PACKED, swap_linears
 from lmstack.kernels.packed import PackedWeight
 from lmstack.model.paged import PagedKVCache
@@ -117,20 +118,25 @@ class LLM:
                                    cfg.max_prefill_chunk, num_lookahead_slots=k)
         cache = (cfg.compile_cache or SHARED) if cfg.compile else None
         options = dict(probe_steps=cfg.compile_probe_steps, max_frozen_rows=cfg.compile_frozen_rows)
-        self.runner = ModelRunner(self.model, self.kv, cfg.seed, cache, **options)
+        self.eos_id = getattr(self.tokenizer, "eos_id", None)
+        self.runner = ModelRunner(self.model, self.kv, cfg.seed, cache, self.eos_id,
+                                  getattr(self.tokenizer, "vocab_size", None), **options)
         self.speculator = _make_speculator(self.runner, cfg, self.max_model_len, cache, options)
         self.runners = [self.runner] + ([self.speculator.draft_runner] if self.speculator else [])
-        self.eos_id = getattr(self.tokenizer, "eos_id", None)
         self.requests: dict[str, _Request] = {}
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------------- requests
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue one request; return its id. Raises ValueError (and changes nothing) if invalid."""
+                    request_id: str | None = None, constraint: Constraint | None = None) -> str:
+        """Queue one request; return its id. Raises ValueError (and changes nothing) if invalid.
+        A constraint (lmstack.infer.structured) decides which tokens the output may take."""
         ids, params = self._validate(prompt, params or SamplingParams(), request_id)
-        return self._enqueue(ids, params, request_id)
+        if self.speculator is not None and (constraint is not None or params.edits_logits):
+            raise ValueError("structured outputs, logit_bias and min_tokens need plain decoding; "
+                             "serve without a speculative model")
+        return self._enqueue(ids, params, request_id, constraint)
 
     def _validate(self, prompt: Prompt, params: SamplingParams,
                   request_id: str | None) -> tuple[list[int], SamplingParams]:
@@ -139,6 +145,11 @@ class LLM:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; pass tokenizer= or use stop_token_ids")
         ids = self._encode(prompt)
+        V = self.model.config.vocab_size
+        if params.logit_bias and not all(t < V for t in params.logit_bias):
+            raise ValueError(f"logit_bias names token ids outside the vocabulary [0, {V})")
+        if not all(t < V for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in the vocabulary [0, {V})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens but the context holds "
                              f"{self.max_model_len} (prompt + at least one new token); shorten it")
@@ -162,14 +173,15 @@ class LLM:
             raise ValueError(f"prompt token ids must be ints in [0, {V}); got {ids[:8]}...")
         return ids
 
-    def _enqueue(self, ids: list[int], params: SamplingParams, request_id: str | None) -> str:
+    def _enqueue(self, ids: list[int], params: SamplingParams, request_id: str | None,
+                 constraint: Constraint | None = None) -> str:
         n = next(self._ids)
         request_id = str(n) if request_id is None else request_id
         seq = Sequence(n, ids, params, arrival_time=time.time(), request_id=request_id)
         logprobs = [] if params.logprobs is not None else None
         text = IncrementalText(self.tokenizer, ids, params.stop, params.skip_special_tokens)
         self.requests[request_id] = _Request(seq, text, logprobs)
-        self.runner.add(seq)
+        self.runner.add(seq, constraint)
         self.scheduler.add(seq)
         return request_id
 
@@ -198,6 +210,7 @@ class LLM:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("the scheduler could not place any request; this is a bug")
             return []
+        self._mark_scheduled(batch)
         if self.speculator is not None and self.speculator.applies(batch):
             return self._speculative_step(batch, finished_only)
         sampled = self.runner.execute(batch)
@@ -205,6 +218,13 @@ class LLM:
         now = time.time()
         reqs = [self._add_token(s, now) for s in sampled]
         return [self._output(r) for r in reqs if not finished_only or r.seq.is_finished]
+
+    def _mark_scheduled(self, batch: ScheduledBatch) -> None:
+        now = None
+        for seq in batch.seqs:
+            m = self.requests[seq.request_id].metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now = now or time.time()
 
     def _speculative_step(self, batch: ScheduledBatch, finished_only: bool) -> list[RequestOutput]:
         """The draft proposes k tokens per row, the target verifies; each row gains 1 to k + 1."""
@@ -244,7 +264,7 @@ class LLM:
             req.stop_reason = token  # a stop token ends the text without appearing in it
             return FinishReason.STOP
         req.stop_reason = req.text.add(token)
-        if req.stop_reason is not None:
+        if req.stop_reason is not None or self.runner.constraint_finished(seq):
             return FinishReason.STOP
         if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH
@@ -332,6 +352,7 @@ class LLM:
         return {"free_blocks": b.num_free_blocks, "num_blocks": b.num_blocks,
                 "prefix_hit_tokens": b.hit_tokens, "prefix_queried_tokens": b.queried_tokens,
                 "num_preemptions": self.scheduler.num_preemptions,
+                "num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 **(self.speculator.stats() if self.speculator is not None else {})}
 
 

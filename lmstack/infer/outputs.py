@@ -30,6 +30,8 @@ class TokenLogprob:
 class RequestMetrics:
     arrival_time: float
     """time.time() when add_request accepted the request."""
+    first_scheduled_time: float | None = None
+    """When a step first ran it (the time between is its time in the queue)."""
     first_token_time: float | None = None
     finish_time: float | None = None
     num_cached_tokens: int = 0

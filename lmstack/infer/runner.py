@@ -17,6 +17,7 @@ from lmstack.infer.sampling import BatchSampling, compute_logprobs, sample, toke
 from lmstack.infer.scheduler import ScheduledBatch
 from lmstack.infer.sequence import Sequence
 from lmstack.infer.step import StepRow, prepare_step, split_decodes
+from lmstack.infer.structured import Constraint
 from lmstack.kernels import drop_copies
 from lmstack.model.paged import PagedKVCache
 
@@ -32,7 +33,8 @@ class ModelRunner:
     """Runs one model over its paged KV pool: the engine's target, or a speculative draft."""
 
     def __init__(self, model: torch.nn.Module, kv: PagedKVCache, seed: int = 0,
-                 compile_cache: CompileCache | None = None, **compile_options):
+                 compile_cache: CompileCache | None = None, eos_id: int | None = None,
+                 num_text_ids: int | None = None, **compile_options):
         self.model, self.kv = model, kv
         self.compile_cache, self.compile_options = compile_cache, compile_options
         self.decode = compile_cache.get(model, **compile_options) if compile_cache else None
@@ -41,6 +43,11 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.generator = torch.Generator(self.device).manual_seed(seed)  # rows without a seed
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> the request's own
+        self.constraints: dict[int, Constraint] = {}  # seq_id -> its structured-output state
+        self.eos_id = eos_id
+        """What min_tokens holds back, with the request's stop tokens."""
+        self.num_text_ids = min(num_text_ids or self.vocab_size, self.vocab_size)
+        """Ids the tokenizer can decode; the embedding's padding rows past them are never sampled."""
 
     def refresh(self) -> None:
         """After the model's weights changed in a way version counters cannot see (writes
@@ -50,12 +57,19 @@ class ModelRunner:
         if self.decode is not None:
             self.decode = self.compile_cache.get(self.model, renew=True, **self.compile_options)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, constraint: Constraint | None = None) -> None:
         if seq.params.seed is not None:
             self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(seq.params.seed)
+        if constraint is not None:
+            self.constraints[seq.seq_id] = constraint
 
     def remove(self, seq: Sequence) -> None:
         self.generators.pop(seq.seq_id, None)
+        self.constraints.pop(seq.seq_id, None)
+
+    def constraint_finished(self, seq: Sequence) -> bool:
+        c = self.constraints.get(seq.seq_id)
+        return c is not None and c.is_finished
 
     @torch.inference_mode()
     def forward(self, rows: list[StepRow], tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,6 +123,9 @@ class ModelRunner:
         seqs = [batch.seqs[i] for i in rows]
         tokens = self.sample(last, seqs)
         ids = tokens.tolist()
+        for seq, t in zip(seqs, ids, strict=True):
+            if seq.seq_id in self.constraints:
+                self.constraints[seq.seq_id].accept(t)
         logprobs = self._logprobs(last, tokens, ids, seqs)
         return [SampledToken(s, t, lp) for s, t, lp in zip(seqs, ids, logprobs, strict=True)]
 
@@ -120,7 +137,32 @@ class ModelRunner:
             counts = (token_counts([q.prompt_token_ids for q in seqs], self.vocab_size, self.device),
                       token_counts([q.output_token_ids for q in seqs], self.vocab_size, self.device))
         gens = [self.generators.get(q.seq_id) for q in seqs]
-        return sample(logits[:, :self.vocab_size], s, gens, self.generator, counts)
+        logits = self._edit_logits(logits[:, :self.vocab_size], seqs)
+        return sample(logits, s, gens, self.generator, counts)
+
+    def _edit_logits(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Changes before sampling: padding ids masked; per request logit_bias, min_tokens and
+        grammar masks."""
+        rows = [i for i, q in enumerate(seqs) if q.params.edits_logits or q.seq_id in self.constraints]
+        if not rows and self.num_text_ids == self.vocab_size:
+            return logits
+        logits = logits.to(torch.float32, copy=True)  # the raw logits still give the logprobs
+        logits[:, self.num_text_ids:] = float("-inf")
+        for i in rows:
+            self._edit_row(logits[i], seqs[i])
+        return logits
+
+    def _edit_row(self, row: torch.Tensor, seq: Sequence) -> None:
+        p = seq.params
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=row.device)
+            row[ids] += torch.tensor(list(p.logit_bias.values()), device=row.device)
+        if len(seq.output_token_ids) < p.min_tokens:
+            enders = p.stop_token_ids + ([self.eos_id] if self.eos_id is not None else [])
+            row[torch.tensor(enders, dtype=torch.long, device=row.device)] = float("-inf")
+        c = self.constraints.get(seq.seq_id)
+        if c is not None and not c.is_finished:
+            row.masked_fill_(~c.allowed(row.numel()).to(row.device), float("-inf"))
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, ids: list[int],
                   seqs: list[Sequence]) -> list[TokenLogprob | None]:
@@ -128,7 +170,7 @@ class ModelRunner:
         if all(n is None for n in wanted):
             return [None] * len(seqs)
         n = max(w for w in wanted if w is not None)
-        chosen, top_vals, top_ids = compute_logprobs(logits, tokens, n)
+        chosen, top_vals, top_ids = compute_logprobs(logits[:, :self.num_text_ids], tokens, n)
         chosen, top_vals, top_ids = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
         out: list[TokenLogprob | None] = []
         for i, w in enumerate(wanted):

@@ -43,6 +43,11 @@ class SamplingParams:
     logprobs: int | None = None
     """Return the sampled token's logprob and the top-n alternatives per token (0: sampled only)."""
     ignore_eos: bool = False
+    min_tokens: int = 0
+    """Tokens to generate before end-of-text or a stop token may end the output."""
+    logit_bias: dict | None = None
+    """{token id: bias in [-100, 100]} added to those logits before sampling (OpenAI's
+    logit_bias); JSON on the command line."""
     skip_special_tokens: bool = True
     """Leave special tokens (e.g. <|im_end|>) out of the text."""
 
@@ -50,6 +55,8 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop, self.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+        if self.logit_bias is not None:
+            self.logit_bias = _parse_bias(self.logit_bias)
         checks = [
             ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
             ("temperature", self.temperature >= 0, "must be >= 0 (0 is greedy)"),
@@ -63,6 +70,7 @@ class SamplingParams:
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "must be non-negative ints"),
             ("logprobs", self.logprobs is None or self.logprobs >= 0, "must be None or >= 0"),
+            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "must be in [0, max_tokens]"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -76,6 +84,24 @@ class SamplingParams:
     def needs_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+    @property
+    def edits_logits(self) -> bool:
+        """Whether the runner changes this request's logits row before sampling (bias, min_tokens)."""
+        return bool(self.logit_bias) or self.min_tokens > 0
+
+
+def _parse_bias(bias: dict) -> dict[int, float]:
+    """{token id: bias} with int keys (JSON object keys are strings), biases in [-100, 100]."""
+    try:
+        parsed = {int(k): float(v) for k, v in bias.items()}
+    except (TypeError, ValueError, AttributeError):
+        raise ValueError(f"SamplingParams.logit_bias={bias!r} must map token ids to numbers") from None
+    bad = {k: v for k, v in parsed.items() if k < 0 or not -100 <= v <= 100}
+    if bad:
+        raise ValueError(f"SamplingParams.logit_bias has {bad}: ids must be >= 0 and biases in "
+                         "[-100, 100]")
+    return parsed
 
 
 # ----------------------------------------------------------------------------- tensor functions

@@ -65,6 +65,7 @@ class CommCounter(TorchDispatchMode):
             tensors = sent if isinstance(sent, list | tuple) else [sent]
             kind = name.strip("_").replace("_base", "").replace("_into_tensor", "")
             kind = kind.replace("_tensor_coalesced", "").replace("_coalesced", "")
+            kind = kind.removesuffix("_tensor")  # DTensor's functional reduce_scatter_tensor
             kind = {"allreduce": "all_reduce", "allgather": "all_gather"}.get(kind, kind)
             self.calls[kind] += 1
             self.bytes[kind] += sum(t.numel() * t.element_size() for t in tensors)

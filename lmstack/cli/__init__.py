@@ -18,6 +18,7 @@ COMMANDS = {
     "merge-lora": "merge a LoRA adapter into its base and write an HF model directory",
     "sample": "generate text from a checkpoint",
     "generate": "run the batched inference engine on prompts",
+    "serve": "an OpenAI-compatible HTTP server over the inference engine",
     "quantize": "quantize a model's weights to int8 / int4 (RTN or GPTQ) into a new directory",
     "demo": "prepare the built-in corpus, pretrain a small model and sample from it",
 }

@@ -1,0 +1,157 @@
+"""Engine outputs -> OpenAI response bodies and stream chunks (plain dicts, the OpenAI schema).
+
+A `Delta` is what one choice gained since its last chunk: outputs that queued up while the
+client was being written to are merged into one, so a slow reader gets fewer, longer chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+from lmstack.infer import RequestOutput, TokenLogprob
+from lmstack.serve.requests import Job, parse_tool_call
+
+
+@dataclass
+class Delta:
+    index: int
+    text: str
+    num_tokens: int
+    out: RequestOutput  # the newest output (cumulative tokens, logprobs, finish)
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        lps = self.out.logprobs or []
+        return lps[len(lps) - self.num_tokens:] if self.num_tokens else []
+
+
+def merge(outs: list[tuple[int, RequestOutput]]) -> list[Delta]:
+    """(choice index, output) pairs in arrival order -> one Delta per choice."""
+    deltas: dict[int, Delta] = {}
+    for index, out in outs:
+        d = deltas.get(index)
+        if d is None:
+            deltas[index] = Delta(index, out.delta_text, len(out.delta_token_ids), out)
+        else:
+            d.text, d.num_tokens, d.out = d.text + out.delta_text, d.num_tokens + len(out.delta_token_ids), out
+    return list(deltas.values())
+
+
+def usage(job: Job, finals: dict[int, RequestOutput]) -> dict:
+    prompt = sum(len(p) for p in job.prompts)
+    completion = sum(len(o.token_ids) for o in finals.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(obj: dict | str) -> str:
+    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def _head(job: Job, obj: str) -> dict:
+    prefix = "cmpl" if job.kind == "text_completion" else "chatcmpl"
+    return {"id": f"{prefix}-{job.id}", "object": obj, "created": job.created, "model": job.model}
+
+
+def _finish_reason(job: Job, out: RequestOutput) -> str | None:
+    if not out.finished:
+        return None
+    if job.tool is not None and out.finish_reason == "stop":
+        return "tool_calls"
+    return out.finish_reason
+
+
+# ----------------------------------------------------------------------------- completions
+
+def completion_body(job: Job, finals: dict[int, RequestOutput], tokenizer) -> dict:
+    choices = []
+    for k in range(job.num_choices):
+        out = finals[k]
+        echo = job.echo[k // job.n] if job.echo else ""
+        choices.append({"index": k, "text": echo + out.text, "finish_reason": out.finish_reason,
+                        "logprobs": _completion_logprobs(job, out.logprobs, tokenizer, len(echo))})
+    return {**_head(job, "text_completion"), "choices": choices, "usage": usage(job, finals)}
+
+
+def completion_chunk(job: Job, d: Delta, tokenizer, prefix: str = "") -> dict:
+    lp = _completion_logprobs(job, d.logprobs, tokenizer, 0) if d.num_tokens else None
+    choice = {"index": d.index, "text": prefix + d.text, "logprobs": lp,
+              "finish_reason": _finish_reason(job, d.out)}
+    return {**_head(job, "text_completion"), "choices": [choice]}
+
+
+def _completion_logprobs(job: Job, lps: list[TokenLogprob] | None, tokenizer, offset: int):
+    if job.logprobs is None or lps is None:
+        return None
+    tokens = [tokenizer.decode([lp.token_id]) for lp in lps]
+    offsets, at = [], offset
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    top = [{tokenizer.decode([i]): v for i, v in lp.top.items()} for lp in lps]
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": top, "text_offset": offsets}
+
+
+# ----------------------------------------------------------------------------- chat
+
+def chat_body(job: Job, finals: dict[int, RequestOutput], tokenizer) -> dict:
+    choices = []
+    for k in range(job.num_choices):
+        out = finals[k]
+        message = _message(job, out)
+        lp = {"content": _chat_logprobs(out.logprobs, tokenizer)} if job.logprobs is not None else None
+        choices.append({"index": k, "message": message, "logprobs": lp,
+                        "finish_reason": _finish_reason(job, out)})
+    return {**_head(job, "chat.completion"), "choices": choices, "usage": usage(job, finals)}
+
+
+def _message(job: Job, out: RequestOutput) -> dict:
+    if job.tool is None or out.finish_reason != "stop":
+        return {"role": "assistant", "content": out.text, "refusal": None}
+    return {"role": "assistant", "content": None, "refusal": None,
+            "tool_calls": [_tool_call(job, out.text)]}
+
+
+def _tool_call(job: Job, text: str, index: int | None = None) -> dict:
+    name, arguments = parse_tool_call(job.tool, text)
+    call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+    return call if index is None else {"index": index, **call}
+
+
+def chat_chunk(job: Job, d: Delta | None, tokenizer, index: int = 0, role: bool = False) -> dict:
+    """A content chunk for Delta d, or (role=True) the first chunk of choice `index`."""
+    if role:
+        choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None}
+        return {**_head(job, "chat.completion.chunk"), "choices": [choice]}
+    delta: dict = {"content": d.text}
+    if job.tool is not None:  # the arguments go out whole, in the chunk that finishes the call
+        delta = {}
+        if d.out.finished and d.out.finish_reason == "stop":
+            delta = {"tool_calls": [_tool_call(job, d.out.text, 0)]}
+        elif d.out.finished:
+            delta = {"content": d.out.text}
+    lp = None
+    if job.logprobs is not None and d.num_tokens:
+        lp = {"content": _chat_logprobs(d.logprobs, tokenizer)}
+    choice = {"index": d.index, "delta": delta, "logprobs": lp,
+              "finish_reason": _finish_reason(job, d.out)}
+    return {**_head(job, "chat.completion.chunk"), "choices": [choice]}
+
+
+def _chat_logprobs(lps: list[TokenLogprob] | None, tokenizer) -> list[dict]:
+    def entry(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return [{**entry(lp.token_id, lp.logprob),
+             "top_logprobs": [entry(i, v) for i, v in lp.top.items()]} for lp in lps or []]
+
+
+def usage_chunk(job: Job, finals: dict[int, RequestOutput]) -> dict:
+    obj = "text_completion" if job.kind == "text_completion" else "chat.completion.chunk"
+    return {**_head(job, obj), "choices": [], "usage": usage(job, finals)}

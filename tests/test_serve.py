@@ -1,0 +1,485 @@
+"""`lmstack serve` end to end: the real server on a free loopback port (uvicorn in a thread,
+the engine loop in its own), driven by the official `openai` client and raw HTTP for bad input.
+The model is a tiny random Llama whose embedding is wider than its tokenizer (padding ids)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+
+from lmstack.infer import LLM, SamplingParams
+from lmstack.model import ModelConfig, Transformer
+from lmstack.model.tokenizer import Tokenizer
+from lmstack.serve import ServeConfig, build_app, server
+
+KEY = "sk-test"
+NAME = "tiny"
+TEXT = ["the quick brown fox jumps over the lazy dog", 'hello world, {"a": 1, "b": [true, null]}',
+        "stop here. and then more text, stop again"] * 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model_and_tokenizer():
+    tok = Tokenizer.train(TEXT, vocab_size=300)
+    config = ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size + 20, init_std=0.1,
+                                     max_seq_len=256)
+    return Transformer.build(config, seed=3).eval(), tok
+
+
+@dataclass
+class Running:
+    url: str
+    llm: LLM
+    app: object
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, **kw)
+
+    def aclient(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
+
+    def metric(self, name: str, label: str = "") -> float:
+        """The sum of a metric's samples whose labels contain `label`."""
+        text = httpx.get(self.url + "/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + "{") and label in line)
+
+
+@contextlib.contextmanager
+def running_server(llm: LLM, **config):
+    port = free_port()
+    app = build_app(lambda: llm, ServeConfig(port=port, api_key=KEY, **config), NAME)
+    srv = server(app, log_level="warning")
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url)
+    try:
+        yield Running(url, llm, app)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
+def wait_healthy(url: str, timeout: float = 60) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{url}/health never answered 200")
+
+
+def wait_until(condition, timeout: float = 20) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    return tiny_model_and_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def srv(model_tok):
+    model, tok = model_tok
+    with running_server(LLM(model, tok, block_size=8, max_num_seqs=16), max_n=4) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def reference(model_tok):
+    """An in-process engine over the same model: what the server must return."""
+    model, tok = model_tok
+    return LLM(model, tok, block_size=8)
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0)
+
+
+def chat_ids(tok, content: str) -> list[int]:
+    text = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return tok.encode(text)
+
+
+def assert_all_free(llm: LLM) -> None:
+    assert wait_until(lambda: llm.blocks.num_free_blocks == llm.blocks.num_blocks and not llm.requests)
+
+
+# ----------------------------------------------------------------------------- the openai client
+
+def test_models_health_and_tokenize(srv):
+    models = srv.client().models.list()
+    assert [m.id for m in models.data] == [NAME]
+    assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
+    ids = httpx.post(srv.url + "/tokenize", json={"prompt": "hello world"}).json()["tokens"]
+    assert ids == srv.llm.tokenizer.encode("hello world")
+    back = httpx.post(srv.url + "/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert back == "hello world"
+
+
+def test_completion_equals_the_engine(srv, reference):
+    want = reference.generate("the quick", greedy(12))[0]
+    got = srv.client().completions.create(model=NAME, prompt="the quick", max_tokens=12, temperature=0)
+    assert got.choices[0].text == want.text
+    assert got.choices[0].finish_reason == want.finish_reason
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert got.usage.completion_tokens == len(want.token_ids)
+    assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
+    assert got.id.startswith("cmpl-") and got.object == "text_completion" and got.created > 0
+
+
+def test_completion_prompt_forms_and_echo(srv, reference):
+    tok = srv.llm.tokenizer
+    ids = tok.encode("hello world")
+    want = [o.text for o in reference.generate(["the lazy", ids], greedy(6))]
+    c = srv.client()
+    got = c.completions.create(model=NAME, prompt=["the lazy", "hello world"], max_tokens=6, temperature=0)
+    assert [ch.text for ch in sorted(got.choices, key=lambda ch: ch.index)] == want
+    by_ids = c.completions.create(model=NAME, prompt=[ids, ids], max_tokens=6, temperature=0)
+    assert [ch.text for ch in by_ids.choices] == [want[1], want[1]]
+    echo = c.completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0, echo=True)
+    assert echo.choices[0].text == "hello world" + want[1]
+
+
+def test_chat_and_streaming_equal_the_engine(srv, reference):
+    tok = srv.llm.tokenizer
+    want = reference.generate(chat_ids(tok, "hi there"), greedy(16))[0]
+    messages = [{"role": "user", "content": "hi there"}]
+    c = srv.client()
+    got = c.chat.completions.create(model=NAME, messages=messages, max_completion_tokens=16,
+                                    temperature=0)
+    assert got.choices[0].message.content == want.text
+    assert got.choices[0].message.role == "assistant"
+    chunks = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=16,
+                                            temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason == want.finish_reason
+    assert all(ch.id == chunks[0].id and ch.object == "chat.completion.chunk" for ch in chunks)
+    text = "".join(ch.choices[0].text for ch in c.completions.create(
+        model=NAME, prompt="the quick", max_tokens=12, temperature=0, stream=True))
+    assert text == reference.generate("the quick", greedy(12))[0].text
+
+
+def test_stream_ends_with_done_and_usage_chunk(srv):
+    body = {"model": NAME, "prompt": "hello", "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True}, "n": 2}
+    with httpx.stream("POST", srv.url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 10
+    assert all(ch["usage"] is None for ch in chunks[:-1])
+    assert {ch["choices"][0]["index"] for ch in chunks[:-1]} == {0, 1}
+
+
+def test_n_choices_and_seeds_reproduce_among_concurrent_requests(srv):
+    c = srv.client()
+    args = dict(model=NAME, prompt="the quick", max_tokens=12, temperature=1.0)
+    alone = c.completions.create(**args, seed=7, n=3)
+    texts = [ch.text for ch in alone.choices]
+    assert len(set(texts)) == 3  # choice j samples with seed + j
+
+    async def crowd():
+        ac = srv.aclient()
+        calls = [ac.completions.create(**args, seed=7 if i == 5 else 100 + i, n=3 if i == 5 else 1)
+                 for i in range(16)]
+        return await asyncio.gather(*calls)
+
+    outs = asyncio.run(crowd())
+    assert [ch.text for ch in outs[5].choices] == texts
+    assert [ch.text for ch in c.completions.create(**args, seed=7, n=3).choices] == texts
+
+
+def test_stop_strings_cut_the_text(srv, reference):
+    full = reference.generate("the quick", greedy(20))[0].text
+    stop = full[5:8]
+    want_text = full[:full.index(stop)]
+    c = srv.client()
+    got = c.completions.create(model=NAME, prompt="the quick", max_tokens=20, temperature=0,
+                               stop=[stop, "\u2603never"])
+    assert got.choices[0].text == want_text and got.choices[0].finish_reason == "stop"
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model=NAME, prompt="the quick", max_tokens=20, temperature=0, stop=stop, stream=True))
+    assert streamed == want_text
+
+
+def test_logprobs_and_top_logprobs(srv):
+    c = srv.client()
+    got = c.completions.create(model=NAME, prompt="hello", max_tokens=6, temperature=0, logprobs=3)
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert chosen <= 0 and len(top) <= 3
+        assert max(top.values()) == pytest.approx(chosen, abs=1e-5)  # greedy: the top token
+    chat = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hello"}],
+                                     max_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+               for t in content)
+
+
+def test_logit_bias_and_vllm_extras(srv):
+    c = srv.client()
+    token = srv.llm.tokenizer.encode("fox")[0]
+    got = c.completions.create(model=NAME, prompt="hello", max_tokens=4, temperature=0,
+                               logit_bias={str(token): 100})
+    assert got.choices[0].text == srv.llm.tokenizer.decode([token] * 4)
+    extras = c.completions.create(model=NAME, prompt="hello", max_tokens=6, temperature=0.8, seed=1,
+                                  extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.2,
+                                              "ignore_eos": True, "min_tokens": 6})
+    assert extras.usage.completion_tokens == 6
+
+
+# ----------------------------------------------------------------------------- load and faults
+
+def test_64_concurrent_streams_all_complete_correctly(srv, reference):
+    prompts = [f"the quick {i}" for i in range(64)]
+    lengths = [4 + i % 13 for i in range(64)]
+    want = [reference.generate(p, greedy(n))[0].text for p, n in zip(prompts, lengths, strict=True)]
+
+    async def one(ac, prompt, n):
+        stream = await ac.completions.create(model=NAME, prompt=prompt, max_tokens=n,
+                                             temperature=0, stream=True)
+        return "".join([ch.choices[0].text async for ch in stream])
+
+    async def crowd():
+        ac = srv.aclient()
+        return await asyncio.gather(*(one(ac, p, n) for p, n in zip(prompts, lengths, strict=True)))
+
+    assert asyncio.run(crowd()) == want
+    assert_all_free(srv.llm)
+
+
+def test_dropped_streams_leave_no_sequence_or_block(srv):
+    def drop():
+        body = {"model": NAME, "prompt": "the lazy dog", "max_tokens": 200, "stream": True,
+                "ignore_eos": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    return  # one chunk read, then the connection closes
+
+    def give_up():  # a non-streaming request whose client stops waiting
+        body = {"model": NAME, "prompt": "the lazy dog", "max_tokens": 240, "ignore_eos": True}
+        with contextlib.suppress(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/completions", json=body, timeout=0.3,
+                       headers={"Authorization": f"Bearer {KEY}"})
+
+    aborted = srv.metric("lmstack:request_success_total", 'finished_reason="abort"')
+    threads = [threading.Thread(target=drop) for _ in range(6)] + [threading.Thread(target=give_up)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert_all_free(srv.llm)
+    assert wait_until(lambda: srv.metric("lmstack:num_requests_running") == 0)
+    assert srv.metric("lmstack:kv_cache_usage_perc") == 0
+    assert srv.metric("lmstack:request_success_total", 'finished_reason="abort"') == aborted + 7
+    assert httpx.get(srv.url + "/health").status_code == 200
+
+
+def test_flood_past_the_queue_gets_429_and_stays_healthy(model_tok):
+    model, tok = model_tok
+    with running_server(LLM(model, tok, block_size=8, max_num_seqs=2), max_waiting=2) as s:
+        async def flood():
+            async with httpx.AsyncClient(timeout=60) as http:
+                body = {"model": NAME, "prompt": "hello", "max_tokens": 60, "ignore_eos": True}
+                calls = [http.post(s.url + "/v1/completions", json=body,
+                                   headers={"Authorization": f"Bearer {KEY}"}) for _ in range(12)]
+                return await asyncio.gather(*calls)
+
+        answers = asyncio.run(flood())
+        codes = sorted(r.status_code for r in answers)
+        assert codes.count(200) >= 4 and codes.count(429) >= 1 and set(codes) == {200, 429}
+        busy = next(r for r in answers if r.status_code == 429)
+        assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "rate_limit_error"
+        assert httpx.get(s.url + "/health").status_code == 200
+        assert s.client().completions.create(model=NAME, prompt="hi", max_tokens=2).choices
+        assert_all_free(s.llm)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+JSON = {**AUTH, "content-type": "application/json"}
+CHAT = "/v1/chat/completions"
+CMPL = "/v1/completions"
+MSG = [{"role": "user", "content": "hi"}]
+
+BAD = {
+    "invalid json": ("POST", CMPL, b'{"prompt": "a",', JSON, 400),
+    "not utf-8": ("POST", CMPL, b'{"prompt": "\xff\xfe"}', JSON, 400),
+    "wrong type": ("POST", CMPL, {"prompt": "a", "max_tokens": "many"}, AUTH, 400),
+    "unknown model": ("POST", CMPL, {"model": "gpt-9", "prompt": "a"}, AUTH, 404),
+    "empty messages": ("POST", CHAT, {"model": NAME, "messages": []}, AUTH, 400),
+    "prompt over the context": ("POST", CMPL, {"prompt": "the quick brown fox " * 80}, AUTH, 400),
+    "prompt + max_tokens over the context": ("POST", CMPL, {"prompt": "hello", "max_tokens": 254},
+                                             AUTH, 400),
+    "negative max_tokens": ("POST", CMPL, {"prompt": "a", "max_tokens": -1}, AUTH, 400),
+    "huge max_tokens": ("POST", CMPL, {"prompt": "a", "max_tokens": 10**9}, AUTH, 400),
+    "temperature out of range": ("POST", CHAT, {"messages": MSG, "temperature": 7}, AUTH, 400),
+    "missing key": ("POST", CHAT, {"messages": MSG}, {}, 401),
+    "wrong key": ("POST", CHAT, {"messages": MSG}, {"Authorization": "Bearer nope"}, 401),
+    "oversized body": ("POST", CMPL, {"prompt": "a" * (2 << 20)}, AUTH, 413),
+    "n too large": ("POST", CMPL, {"prompt": "a", "n": 99}, AUTH, 400),
+    "unsupported schema": ("POST", CHAT, {"messages": MSG, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "null"}}}}},
+        AUTH, 400),
+    "stream_options without stream": ("POST", CMPL, {"prompt": "a", "stream_options":
+                                                     {"include_usage": True}}, AUTH, 400),
+    "suffix": ("POST", CMPL, {"prompt": "a", "suffix": "b"}, AUTH, 400),
+    "unknown route": ("GET", "/v1/nothing", None, AUTH, 404),
+    "wrong method": ("GET", CMPL, None, AUTH, 405),
+    "token id outside the vocabulary": ("POST", CMPL, {"prompt": [1, 10**6]}, AUTH, 400),
+    "stop token id outside the vocabulary": ("POST", CMPL, {"prompt": "a", "stop_token_ids": [10**6],
+                                                            "min_tokens": 1}, AUTH, 400),
+    "top_k past int64 (found by the fuzzer)": ("POST", CMPL, {"prompt": "a", "top_k": 10**30},
+                                               AUTH, 400),
+}
+
+
+@pytest.mark.parametrize("case", BAD.values(), ids=BAD.keys())
+def test_bad_input_gets_the_envelope_and_the_server_stays_healthy(srv, case):
+    method, path, body, headers, status = case
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.request(method, srv.url + path, headers=headers, timeout=30, **kw)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert httpx.get(srv.url + "/health").status_code == 200
+
+
+def test_context_error_states_both_numbers(srv):
+    r = httpx.post(srv.url + CMPL, json={"prompt": "hello", "max_tokens": 254}, headers=AUTH)
+    n = len(srv.llm.tokenizer.encode("hello"))
+    message = r.json()["error"]["message"]
+    assert f"{n} tokens" in message and "254" in message and "256" in message
+
+
+def test_unsupported_schema_names_the_keyword(srv):
+    body = {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "dependentSchemas": {}}}}}
+    r = httpx.post(srv.url + CHAT, json=body, headers=AUTH)
+    assert r.status_code == 400 and "dependentSchemas" in r.json()["error"]["message"]
+
+
+def test_openai_client_sees_client_errors_as_4xx(srv):
+    with pytest.raises(openai.BadRequestError):
+        srv.client().chat.completions.create(model=NAME, messages=MSG, n=50)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError):
+        srv.client().completions.create(model="other", prompt="a")
+
+
+@pytest.mark.slow
+def test_fuzzed_requests_get_no_5xx_and_always_the_envelope(srv):
+    """schemathesis generates bodies from the app's OpenAPI schema (seeded, bounded)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(srv.url + "/openapi.json")
+    failures = []
+    for op in schema.get_all_operations():
+        operation = op.ok()
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=15, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def check(case):
+            r = case.call(base_url=srv.url, headers=AUTH, timeout=30)
+            ok = r.status_code < 500
+            if r.status_code >= 400:
+                try:
+                    error = r.json()["error"]
+                except (ValueError, KeyError, TypeError):
+                    error = None
+                ok = ok and isinstance(error, dict) and set(error) == {"message", "type", "param", "code"}
+            if not ok:
+                failures.append((case.path, r.status_code, r.text[:200], case.body))
+
+        check()
+    assert not failures, failures[:5]
+    assert httpx.get(srv.url + "/health").status_code == 200
+
+
+# ----------------------------------------------------------------------------- the command line
+
+@pytest.fixture(scope="module")
+def checkpoint(model_tok, tmp_path_factory):
+    from safetensors.torch import save_file
+
+    model, tok = model_tok
+    path = tmp_path_factory.mktemp("ckpt")
+    model.config.save(path / "config.json")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    tok.save(path)
+    return path
+
+
+@pytest.mark.slow
+def test_sigterm_during_load_drains_and_exits_0(checkpoint):
+    port = free_port()
+    cmd = [sys.executable, "-m", "lmstack", "serve", str(checkpoint), "--port", str(port),
+           "--api-key", KEY, "--block-size", "8", "--log-level", "warning", "--drain-timeout-s", "20"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, timeout=120)
+        results: list = []
+        started = [threading.Event() for _ in range(4)]
+
+        def stream(i):
+            body = {"model": checkpoint.name, "prompt": "hello", "max_tokens": 40, "stream": True,
+                    "ignore_eos": True}
+            with httpx.stream("POST", url + CMPL, json=body, headers=AUTH, timeout=60) as r:
+                events = []
+                for line in r.iter_lines():
+                    started[i].set()
+                    if line.startswith("data: "):
+                        events.append(line)
+                results.append(events)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        assert all(e.wait(timeout=60) for e in started)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=60)
+        assert proc.wait(timeout=60) == 0
+        assert len(results) == 4 and all(events[-1] == "data: [DONE]" for events in results)
+        finishes = [json.loads(e[6:])["choices"][0]["finish_reason"] for ev in results for e in ev[:-1]]
+        assert finishes.count("length") == 4
+    finally:
+        if proc.poll() is None:
+            proc.kill()

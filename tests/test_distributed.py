@@ -393,6 +393,18 @@ def test_fsdp2_times_tp_and_hsdp_on_four_processes(data, single):
         assert_matches(single, results[0][name], load_file(out / f"{name}.safetensors"))
 
 
+@pytest.mark.parametrize(("parallel", "overrides", "world", "message"), [
+    (ParallelConfig(dp_shard=2), {}, 4, "= 2, but 4 processes were started"),
+    (ParallelConfig(dp_shard=3), {}, 3, r"--train.batch-size=4 \(the global micro-batch\) is not a multiple"),
+    (ParallelConfig(tp=2), {"seq_len": 31}, 2, "--train.seq-len=31 is not a multiple of --train.parallel.tp=2"),
+    (ParallelConfig(tp=2), {"fused_projections": True}, 2, "turn it off with --train.parallel.tp > 1"),
+    (ParallelConfig(dp_shard=2), {"precision": PrecisionConfig("fp16")}, 2, "fp16 .* use bf16"),
+])
+def test_layouts_that_cannot_work_are_refused_before_any_collective(parallel, overrides, world, message):
+    with pytest.raises(ValueError, match=message):
+        distributed.check_parallel(model_config(300), train_config(parallel, **overrides), world)
+
+
 def pretrain_flags(data: Path, out: Path, *extra: str) -> list[str]:
     return ["pretrain", "--data", str(data), "--out", str(out), "--model.preset", "tiny-llama",
             "--train.max-steps", "4", "--train.batch-size", "4", "--train.seq-len", "32",

@@ -165,6 +165,10 @@ def check_parallel(model_config: ModelConfig, cfg: TrainConfig, world_size: int)
     if p.tp > 1 and cfg.fused_projections:
         raise ValueError("--train.fused-projections concatenates q/k/v and gate/up weights, which "
                          "tensor parallelism shards one by one; turn it off with --train.parallel.tp > 1")
+    if cfg.precision.dtype == "fp16" and (p.dp_shard > 1 or p.tp > 1):
+        # each rank would see overflow in its own shards only and skip steps on its own
+        raise ValueError("--train.precision.dtype=fp16 (GradScaler) is not supported with sharded "
+                         "gradients (--train.parallel.dp-shard / tp > 1); use bf16")
     if cfg.batch_size % p.dp:
         raise ValueError(f"--train.batch-size={cfg.batch_size} (the global micro-batch) is not a "
                          f"multiple of the data-parallel degree dp-replicate x dp-shard = {p.dp}")

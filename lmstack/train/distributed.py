@@ -44,11 +44,13 @@ from lmstack.train.precision import AUTOCAST_DTYPES, resolve_dtype
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 DP_DIMS = ("dp_replicate", "dp_shard")
 
-__all__ = ["DP_DIMS", "MESH_DIMS", "FullTensorInit", "ParallelConfig", "apply_fsdp",
-           "apply_tensor_parallel", "build_mesh", "build_model", "check_parallel", "check_shardable",
-           "check_tp_linears", "dp_rank", "full_tensors",
-           "dp_size", "init_distributed", "is_distributed", "launch", "launched_world_size", "parallelize",
-           "rank", "rank_prefix", "rank_state_bytes", "shutdown"]
+__all__ = [
+    "DP_DIMS", "MESH_DIMS", "FullTensorInit", "ParallelConfig", "apply_fsdp", "apply_tensor_parallel",
+    "build_mesh", "build_model", "check_parallel", "check_shardable", "check_tp_linears",
+    "check_world_size", "dp_rank", "dp_size", "full_tensors", "init_distributed", "is_distributed",
+    "launch", "launched_world_size", "lay_out_grads_like_params", "parallelize", "rank",
+    "rank_prefix", "rank_state_bytes", "shutdown",
+]
 
 
 # ----------------------------------------------------------------------------- process group
@@ -298,8 +300,10 @@ def check_shardable(model: nn.Module, shards: int) -> None:
     tensor subclass splits only as its own rules allow (torchao's NF4: every inner tensor, down
     to the scale groups, must divide evenly). Refuse before any rank starts sharding."""
     for name, param in model.named_parameters():
+        if isinstance(param, DTensor):  # TP's shards: FSDP2 splits their local tensors itself
+            continue
         try:
-            torch.chunk(param.data, shards, dim=0)
+            torch.chunk(param.data, shards, dim=0)  # a view: no copy, no communication
         except (AssertionError, RuntimeError, ValueError) as e:
             raise ValueError(f"{name} ({type(param.data).__name__}, {tuple(param.shape)}) cannot be "
                              f"split into {shards} FSDP2 shards ({e}); choose a "

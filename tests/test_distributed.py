@@ -81,8 +81,32 @@ def vocab_size(data: Path) -> int:
     return json.loads((data / "meta.json").read_text())["vocab_size"]
 
 
+class MaskedRows:
+    """A TokenStream whose targets are masked more the later a row sits in the global batch
+    (row g of B: the first g * T / B targets are -100), so data-parallel ranks hold very
+    different valid-token counts: a per-rank mean of the loss would weigh them wrongly."""
+
+    def __init__(self, stream: TokenStream):
+        self.stream = stream
+
+    def next_batch(self):
+        inputs, targets = self.stream.next_batch()
+        s = self.stream
+        for i in range(s.batch_size):
+            g = s.rank * s.batch_size + i  # the row's place in the global batch
+            targets[i, :g * s.seq_len // s.global_batch] = -100
+        return inputs, targets
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state):
+        self.stream.load_state_dict(state)
+
+
 def run_layout(data: Path, parallel: ParallelConfig, out_dir: Path | None = None,
-               resume_from: Path | None = None, vocab: int | None = None, **overrides):
+               resume_from: Path | None = None, vocab: int | None = None, masked: bool = False,
+               **overrides):
     """Train the test model under `parallel` (a mesh when launched, one process otherwise);
     return (recorded stats, model, train's result)."""
     cfg = train_config(parallel, **overrides)
@@ -93,8 +117,8 @@ def run_layout(data: Path, parallel: ParallelConfig, out_dir: Path | None = None
     stream = TokenStream(data, "train", cfg.batch_size // dp, cfg.seq_len, seed=cfg.seed,
                          rank=distributed.dp_rank(mesh), world_size=dp)
     rec = Recorder()
-    result = train(model, stream, cfg, out_dir=out_dir, hooks=[rec], resume_from=resume_from,
-                   mesh=mesh)
+    result = train(model, MaskedRows(stream) if masked else stream, cfg, out_dir=out_dir,
+                   hooks=[rec], resume_from=resume_from, mesh=mesh)
     return rec, model, result
 
 
@@ -223,6 +247,10 @@ SCENARIOS = {
     "fsdp_tp": lambda d, o: scenario_parity(d, o, "fsdp_tp", ParallelConfig(dp_shard=2, tp=2),
                                             activation_checkpointing=True),
     "hsdp": lambda d, o: scenario_parity(d, o, "hsdp", ParallelConfig(dp_replicate=2, dp_shard=2)),
+    "ddp_masked": lambda d, o: scenario_parity(d, o, "ddp_masked", ParallelConfig(dp_replicate=2),
+                                               masked=True),
+    "fsdp_masked": lambda d, o: scenario_parity(d, o, "fsdp_masked", ParallelConfig(dp_shard=2),
+                                                masked=True),
     "resume_1to2": lambda d, o: scenario_resume(d, o, "resume_1to2", ParallelConfig(dp_shard=2),
                                                 o.parent / "single" / "checkpoints" / "step_00000005"),
     "resume_fsdp_to_tp": lambda d, o: scenario_resume(d, o, "resume_fsdp_to_tp", ParallelConfig(tp=2),
@@ -289,8 +317,8 @@ def two_ranks(data, single) -> tuple[Path, list[dict], subprocess.CompletedProce
     bad configs and the NaN norm (the order matters: later scenarios read earlier checkpoints)."""
     out = single["root"] / "two"
     out.mkdir()
-    names = ["ddp", "fsdp", "tp", "resume_1to2", "resume_fsdp_to_tp", "memory", "memory_tp", "bad_configs",
-             "nan_norm", "lora", "qlora"]
+    names = ["ddp", "fsdp", "tp", "resume_1to2", "resume_fsdp_to_tp", "memory", "memory_tp",
+             "bad_configs", "nan_norm", "lora", "qlora", "ddp_masked", "fsdp_masked"]
     proc = launch(2, [",".join(names), str(data), str(out)], out)
     return out, rank_results(out, proc, 2), proc
 
@@ -315,6 +343,16 @@ def test_two_ranks_train_like_one_process(two_ranks, single, layout):
     assert_matches(single, results[0][layout], load_file(out / f"{layout}.safetensors"))
     # rank 0 alone wrote the metrics: ten records, not twenty
     assert len((out / layout / "metrics.jsonl").read_text().splitlines()) == STEPS
+
+
+@pytest.mark.parametrize("layout", ["ddp_masked", "fsdp_masked"])
+def test_uneven_masks_across_ranks_give_the_single_process_gradient(two_ranks, data, layout):
+    """Rank 0 holds 56 valid targets per step, rank 1 only 24: the loss is normalised by the
+    global count, so the run is still the single-process one."""
+    out, results, _ = two_ranks
+    rec, model, _ = run_layout(data, ParallelConfig(), masked=True)
+    assert_matches({"stats": rec.summary(), "weights": full_weights(model)}, results[0][layout],
+                   load_file(out / f"{layout}.safetensors"))
 
 
 def test_resume_two_ranks_to_one_process(two_ranks, single, data):

@@ -443,6 +443,32 @@ def test_layouts_that_cannot_work_are_refused_before_any_collective(parallel, ov
         distributed.check_parallel(model_config(300), train_config(parallel, **overrides), world)
 
 
+def test_rank_slices_of_a_source_are_its_global_batch(data):
+    """RankSlice over a source without ranks: two ranks' rows, stacked, are the global batch,
+    every tensor of it (packed SFT batches carry four)."""
+    class Source:
+        def __init__(self):
+            self.stream = TokenStream(data, "train", 4, 16)
+
+        def next_batch(self):
+            inputs, targets = self.stream.next_batch()
+            return inputs, targets, inputs * 2, targets * 3
+
+        def state_dict(self):
+            return self.stream.state_dict()
+
+        def load_state_dict(self, state):
+            self.stream.load_state_dict(state)
+
+    whole, ranks = Source(), [distributed.RankSlice(Source(), r, 2) for r in (0, 1)]
+    for _ in range(3):
+        expected = whole.next_batch()
+        got = [r.next_batch() for r in ranks]
+        for i, tensor in enumerate(expected):
+            assert torch.equal(torch.cat([got[0][i], got[1][i]]), tensor)
+    assert ranks[1].state_dict() == whole.state_dict()
+
+
 def pretrain_flags(data: Path, out: Path, *extra: str) -> list[str]:
     return ["pretrain", "--data", str(data), "--out", str(out), "--model.preset", "tiny-llama",
             "--train.max-steps", "4", "--train.batch-size", "4", "--train.seq-len", "32",

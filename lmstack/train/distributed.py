@@ -49,7 +49,7 @@ __all__ = [
     "build_mesh", "build_model", "check_parallel", "check_shardable", "check_tp_linears",
     "check_world_size", "dp_rank", "dp_size", "full_tensors", "init_distributed", "is_distributed",
     "launch", "launched_world_size", "lay_out_grads_like_params", "parallelize", "rank",
-    "rank_prefix", "rank_state_bytes", "shutdown",
+    "RankSlice", "rank_prefix", "rank_state_bytes", "shutdown",
 ]
 
 
@@ -149,6 +149,35 @@ def dp_rank(mesh: DeviceMesh | None) -> int:
 def dp_size(mesh: DeviceMesh | None) -> int:
     """How many ranks read different batches (dp_replicate x dp_shard)."""
     return 1 if mesh is None else mesh["dp_replicate"].size() * mesh["dp_shard"].size()
+
+
+class RankSlice:
+    """A batch source whose global batches are split over the data-parallel ranks: every rank
+    draws the same global batch from `source` (seeded alike, so the same rows) and keeps rows
+    [rank * B/dp, (rank + 1) * B/dp) of each tensor in it. For sources without a rank of their
+    own (SFT batches); TokenStream reads only its rows itself. The state is the source's, the
+    same on every rank.
+
+        batches = RankSlice(SFTBatches(...), dp_rank(mesh), dp_size(mesh))
+    """
+
+    def __init__(self, source, rank: int, size: int):
+        self.source, self.rank, self.size = source, rank, size
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        batch = self.source.next_batch()
+        rows = batch[0].shape[0]
+        if rows % self.size:
+            raise ValueError(f"a global batch of {rows} rows does not split over {self.size} "
+                             "data-parallel ranks; make --train.batch-size a multiple of dp")
+        n = rows // self.size
+        return tuple(t[self.rank * n:(self.rank + 1) * n] for t in batch)
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- strategies

@@ -1,6 +1,7 @@
 """Pipeline parallelism (lmstack.train.pipeline): the stages chained equal the model, and
 2 stages under torchrun (gloo, CPU) train like one process, GPipe and 1F1B, with masked
-targets and microbatches that need padding rows; too many stages fail on every rank.
+targets and microbatches that need padding rows; too many stages, and checkpoints of stages
+(not supported yet), fail on every rank.
 
 Launched runs are judged by the result files each rank writes, not by torchrun's exit code
 alone: gloo sometimes aborts at teardown after the work is done.
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_train import ArraySource, ListSource, quiet_config  # noqa: E402
 
 from lmstack.model import ModelConfig, Transformer  # noqa: E402
-from lmstack.train import train  # noqa: E402
+from lmstack.train import distributed, train  # noqa: E402
 from lmstack.train.config import EvalConfig, OptimConfig, ParallelConfig  # noqa: E402
 from lmstack.train.optim import make_optimizer  # noqa: E402
 from lmstack.train.pipeline import split_stage, stage_layers  # noqa: E402
@@ -61,8 +62,6 @@ def run_config(spec: dict):
 def run(spec: dict, mesh=None, out_dir=None):
     """The run a spec describes: (model, losses, grad norms, val loss). Under a mesh the model
     is distributed.build_model's and each data-parallel rank reads its rows of every batch."""
-    from lmstack.train import distributed
-
     cfg = run_config(spec)
     if mesh is None:
         model = Transformer.build(model_config(spec["n_layers"]), seed=0)
@@ -102,8 +101,6 @@ RUNS = {
 def rank_main(spec_path: str) -> None:
     """One rank: each run of the spec on the mesh, one after another; for each, write
     <run>-rank<R>.json and the weights this rank trained (<run>-weights<R>.safetensors)."""
-    from lmstack.train import distributed
-
     torch.set_num_threads(1)
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])

@@ -406,14 +406,15 @@ def test_lora_and_qlora_train_sharded_and_save_a_peft_adapter_from_rank_0(two_ra
     out, results, _ = two_ranks
     rec, _, adapters = run_lora(data, ParallelConfig(), qlora=method == "qlora")
     sharded = results[0][method]
-    # QLoRA's base products run in bf16: the two layouts differ by bf16 rounding of the sums
-    tol = TOL if method == "lora" else 2e-3
+    # QLoRA's base products run in bf16: the layouts differ by bf16 rounding of the sums
+    # (measured: losses 3e-4, adapters 3e-3 apart; a wrongly gathered NF4 base is far off)
+    tol, adapter_tol = (TOL, TOL) if method == "lora" else (2e-3, 1e-2)
     assert sharded["losses"] == pytest.approx(rec.summary()["losses"], abs=tol)
     _, peft = read_adapter(out / method / "adapter")
     assert len(peft) == len(adapters) == 8  # (q, v) x (A, B) x 2 layers
     assert set(peft) == set(adapters)
     for name, value in adapters.items():
-        assert (peft[name] - value).abs().max().item() <= tol, name
+        assert (peft[name] - value).abs().max().item() <= adapter_tol, name
     # the sharded checkpoints hold the adapters only
     state = json.loads((out / method / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
     assert state["weights"] == "trainable"

@@ -482,6 +482,13 @@ def test_finetune_merge_lora_and_sample_adapter_commands(cli_base, tmp_path, cap
     sample[1] = str(tmp_path / "merged")
     assert main(sample) == 0
     assert capsys.readouterr().out == with_adapter
+    engine = ["generate", str(tmp_path / "merged"), "--prompt", "12+", "--temperature", "0",
+              "--max-new-tokens", "5", "--device", "cpu"]
+    assert main(engine) == 0
+    merged_text = capsys.readouterr().out
+    engine[1] = str(cli_base / "base")
+    assert main([*engine, "--adapter", str(out / "adapter")]) == 0
+    assert capsys.readouterr().out == merged_text
     assert main(finetune_flags(cli_base, out, "--resume", "--lora.r", "8")) == 2
     assert "resume with the --base, --method and --lora settings" in capsys.readouterr().err
 
@@ -496,3 +503,19 @@ def test_finetune_command_qlora_and_bad_flags(cli_base, tmp_path, capsys):
     assert "--lora.r=0 is invalid" in capsys.readouterr().err
     assert main(finetune_flags(cli_base, tmp_path / "t", "--lora.targets", "qkv")) == 2
     assert "match no linear" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lora_sft_learns_the_synthetic_chat_task(tmp_path):
+    """A reduced benchmarks/finetune_task.py: a tiny base, fixed step counts, a lower bar."""
+    task = _task()
+    args = task.parse_args(["--preset", "tiny-llama", "--methods", "lora", "qlora",
+                            "--pretrain-steps", "300", "--max-steps", "150", "--n-test", "40",
+                            "--out", str(tmp_path)])
+    args.pretrain_s = args.max_time_s = None
+    rows = {r["method"]: r for r in task.run(args)}
+    print(rows)
+    for method, row in rows.items():
+        assert row["before"] <= 0.1, method
+        assert row["after"] >= 0.5, method
+    assert rows["qlora"]["base_bytes_ratio"] <= 0.3

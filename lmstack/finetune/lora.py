@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmstack.finetune.qlora import NF4Linear
 from lmstack.kernels import QuantizedLinear
 
 ALL_LINEAR = "all-linear"
@@ -60,7 +61,6 @@ class LoRAConfig:
 
 def is_linear(m: nn.Module) -> bool:
     """A module LoRA can wrap: it maps in_features to out_features like nn.Linear."""
-    from lmstack.finetune.qlora import NF4Linear
     return isinstance(m, nn.Linear | QuantizedLinear | NF4Linear)
 
 
@@ -125,7 +125,6 @@ class LoRALinear(nn.Module):
 def _float_base(base: nn.Module) -> nn.Module:
     """A base whose weight can take the update: itself, or an NF4 base as an nn.Linear over
     its dequantized weight (the weights the adapter was trained against)."""
-    from lmstack.finetune.qlora import NF4Linear
     if isinstance(base, NF4Linear):
         return base.to_linear()
     if isinstance(base, nn.Linear):

@@ -20,7 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmstack.finetune.lora import apply_lora, load_lora_state_dict, lora_modules, lora_state_dict
+from lmstack.finetune.lora import (
+    apply_lora,
+    linear_names,
+    load_lora_state_dict,
+    lora_modules,
+    lora_state_dict,
+    remove_lora,
+)
+from lmstack.finetune.qlora import dequantize_nf4, quantize_nf4
 from lmstack.model.hf import hf_model_type
 
 CONFIG_FILE, WEIGHTS_FILE, LMSTACK_FILE = ("adapter_config.json", "adapter_model.safetensors",
@@ -77,7 +85,6 @@ def save_adapter(model: nn.Module, path: str | Path, base_name_or_path: str = ""
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """Leaf names (q_proj) where every linear of that leaf name is adapted, else the full HF
     paths: PEFT matches target_modules as module-name suffixes."""
-    from lmstack.finetune.lora import linear_names
     adapted = set(names)
     leaves = {n.rsplit(".", 1)[-1] for n in names}
     others = {n.rsplit(".", 1)[-1] for n in linear_names(model)}
@@ -153,8 +160,6 @@ def use_adapter(model: nn.Module, path: str | Path, merge: bool = True) -> nn.Mo
     """The model with the adapter in `path` as it was trained: over an NF4 base if it was a
     QLoRA adapter (the base is quantized first); merge=True folds it in and leaves a plain
     float model (NF4 weights dequantized), ready to sample, serve or save_hf."""
-    from lmstack.finetune.lora import remove_lora
-    from lmstack.finetune.qlora import dequantize_nf4, quantize_nf4
     load_adapter(model, path)
     if quantized_base(path) == "nf4":
         quantize_nf4(model)

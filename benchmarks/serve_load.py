@@ -15,8 +15,9 @@ flight: what the HTTP server costs on top of the engine.
     .venv/bin/python benchmarks/serve_load.py                      # 32 clients, all three
     .venv/bin/python benchmarks/serve_load.py --concurrency 8 --requests 16 --skip transformers
 
-Servers run as subprocesses with the same thread count. Timings on shared cores are noisy;
-compare the ratios, which come from the same run.
+Servers run as subprocesses with the same thread count. Timings on shared cores are noisy:
+targets take turns (--repeats) and the table shows each one's best run; compare the ratios,
+which come from the same run.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", nargs="*", default=[], choices=["lmstack", "transformers", "engine"],
                    help="targets to leave out")
     p.add_argument("--timeout", type=float, default=600, help="seconds one target may take")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs of each target, taking turns; the table shows each one's best "
+                        "(load from other processes comes in bursts)")
     return p.parse_args(argv)
 
 
@@ -298,12 +302,15 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = Tokenizer.load(model_dir)
         texts = prompts(args.requests, args.prompt_words)
         targets = {"engine": run_engine, "lmstack": run_lmstack, "transformers": run_transformers}
-        rows = []
-        for name, run in targets.items():
-            if name not in args.skip:
-                rows.append(run(model_dir, texts, args, tokenizer))
-                print(json.dumps(rows[-1]), flush=True)
-        report(rows, args)
+        best: dict[str, dict] = {}
+        for _ in range(args.repeats):  # in turns, so a burst of load elsewhere hits all alike
+            for name, run in targets.items():
+                if name not in args.skip:
+                    row = run(model_dir, texts, args, tokenizer)
+                    print(json.dumps(row), flush=True)
+                    if name not in best or row["tok_s"] > best[name]["tok_s"]:
+                        best[name] = row
+        report(list(best.values()), args)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from lmstack.infer import LLM, RequestOutput
 from lmstack.serve import responses as R
 from lmstack.serve.config import ServeConfig
-from lmstack.serve.errors import APIError, BodyLimit, install_handlers
+from lmstack.serve.errors import APIError, BodyLimit, error_response, install_handlers
 from lmstack.serve.loop import EngineDied, EngineLoop, Submission
 from lmstack.serve.metrics import ServerMetrics
 from lmstack.serve.protocol import (
@@ -267,8 +267,8 @@ async def _gathered(job: Job, engine: Engine, sink: asyncio.Queue, ids: list[str
         if not work.done():
             work.cancel()
             engine.loop.abort(ids)
-    if not work.done() or work.cancelled():
-        return JSONResponse({}, 499)  # nobody is listening
+    if not work.done() or work.cancelled():  # nobody is listening; nginx's code for it
+        return error_response(499, "the client closed the connection; its requests were aborted")
     if isinstance(work.exception(), EngineDied):
         raise APIError(503, str(work.exception()), code="engine_died")
     work.result()

@@ -258,6 +258,8 @@ SCENARIOS = {
     "memory": lambda d, o: state_bytes_after_backward(d, ParallelConfig(dp_shard=2)),
     "memory_tp": lambda d, o: state_bytes_after_backward(d, ParallelConfig(tp=2)),
     "bad_configs": scenario_bad_configs,
+    "time_budget": lambda d, o: run_layout(d, ParallelConfig(dp_shard=2), max_steps=None,
+                                           max_time_s=0.5)[0].summary(),
     "lora": lambda d, o: scenario_lora(d, o, "lora", qlora=False),
     "qlora": lambda d, o: scenario_lora(d, o, "qlora", qlora=True),
     "nan_norm": lambda d, o: scenario_nan_norm(d),
@@ -318,7 +320,7 @@ def two_ranks(data, single) -> tuple[Path, list[dict], subprocess.CompletedProce
     out = single["root"] / "two"
     out.mkdir()
     names = ["ddp", "fsdp", "tp", "resume_1to2", "resume_fsdp_to_tp", "memory", "memory_tp",
-             "bad_configs", "nan_norm", "lora", "qlora", "ddp_masked", "fsdp_masked"]
+             "bad_configs", "nan_norm", "lora", "qlora", "ddp_masked", "fsdp_masked", "time_budget"]
     proc = launch(2, [",".join(names), str(data), str(out)], out)
     return out, rank_results(out, proc, 2), proc
 
@@ -392,6 +394,15 @@ def test_bad_configs_fail_on_every_rank_with_a_clear_error(two_ranks):
     for r in results:
         for name, pattern in want.items():
             assert r["bad_configs"][name] is not None and re.search(pattern, r["bad_configs"][name]), name
+
+
+def test_a_time_budget_stops_every_rank_at_the_same_step(two_ranks):
+    """Ranks agree on elapsed time (the slowest rank's), or one would stop while the other
+    waits in a collective."""
+    _, results, _ = two_ranks
+    steps = [r["time_budget"]["steps"] for r in results]
+    assert steps[0] == steps[1] and len(steps[0]) >= 1
+    assert [r["time_budget"]["lrs"] for r in results] == [results[0]["time_budget"]["lrs"]] * 2
 
 
 def test_a_nan_in_one_shard_shows_in_every_ranks_grad_norm(two_ranks):

@@ -499,6 +499,12 @@ def test_finetune_command_qlora_and_bad_flags(cli_base, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(finetune_flags(cli_base, out, "--method", "qlora", "--train.max-steps", "2")) == 0
     assert json.loads((out / "adapter" / "lmstack_adapter.json").read_text())["quantized_base"] == "nf4"
+    full = tmp_path / "full"
+    assert main(finetune_flags(cli_base, full, "--method", "full", "--train.max-steps", "2",
+                               "--train.precision.dtype", "bf16")) == 0
+    assert (full / "hf" / "model.safetensors").is_file() and not (full / "adapter").exists()
+    saved = load_file(full / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert "layers.0.self_attn.q_proj.weight" in saved  # full fine-tuning keeps every weight
     assert main(finetune_flags(cli_base, tmp_path / "r0", "--lora.r", "0")) == 2
     assert "--lora.r=0 is invalid" in capsys.readouterr().err
     assert main(finetune_flags(cli_base, tmp_path / "t", "--lora.targets", "qkv")) == 2

@@ -327,6 +327,40 @@ def test_flood_past_the_queue_gets_429_and_stays_healthy(model_tok):
         assert_all_free(s.llm)
 
 
+def test_health_is_503_while_loading_and_after_the_engine_loop_dies(model_tok):
+    model, tok = model_tok
+    llm, loaded = LLM(model, tok, block_size=8), threading.Event()
+    port = free_port()
+    app = build_app(lambda: loaded.wait(30) and llm, ServeConfig(port=port, api_key=KEY), NAME)
+    srv = server(app, log_level="critical")
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _status(url + "/health") == 503)
+        assert httpx.get(url + "/health").json()["status"] == "loading"
+        r = httpx.post(url + CMPL, json={"prompt": "a"}, headers=AUTH)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        loaded.set()
+        wait_healthy(url)
+
+        def broken_step():
+            raise RuntimeError("a broken step")
+        llm.step = broken_step
+        r = httpx.post(url + CMPL, json={"prompt": "a", "max_tokens": 4}, headers=AUTH, timeout=30)
+        assert r.status_code == 503 and "broken step" in r.json()["error"]["message"]
+        assert httpx.get(url + "/health").status_code == 503
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
+def _status(url: str) -> int | None:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(url).status_code
+    return None
+
+
 # ----------------------------------------------------------------------------- bad input
 
 AUTH = {"Authorization": f"Bearer {KEY}"}

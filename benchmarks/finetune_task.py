@@ -1,7 +1,7 @@
 """A synthetic chat task that shows fine-tuning learn: small sums as user/assistant turns.
 
     python benchmarks/finetune_task.py --threads 1             # LoRA, then QLoRA, demo-sized base
-    python benchmarks/finetune_task.py --preset tiny-llama --pretrain-s 60 --max-time-s 120 --threads 1
+    python benchmarks/finetune_task.py --preset tiny-llama --pretrain-steps 300 --threads 1
     python benchmarks/finetune_task.py --base runs/demo/hf     # over another HF model + tokenizer
 
 On CPU cores shared with other processes, --threads 1 runs faster than several spinning threads.
@@ -119,7 +119,7 @@ def train_config(seconds: float, max_steps: int | None, lr: float, batch_size: i
     return TrainConfig(batch_size=batch_size, seq_len=seq_len, max_steps=max_steps,
                        max_time_s=seconds, seed=seed, device="cpu",
                        optim=OptimConfig(lr=lr, weight_decay=0.0),
-                       schedule=ScheduleConfig(kind="constant", warmup_steps=10),
+                       schedule=ScheduleConfig(kind="cosine", warmup_steps=10),
                        precision=PrecisionConfig("fp32"), eval=EvalConfig(every=0),
                        checkpoint=CheckpointConfig(every=0),
                        logging=LoggingConfig(progress_bar=False, tensorboard=False, plot=False))
@@ -150,19 +150,22 @@ def pretrain(model: Transformer, tokenizer: Tokenizer, pairs: list[tuple[int, in
     ids = [tokenizer.encode(line) for line in plain_lines(pairs)]
     examples = [Example(t[:-1], t[1:]) for t in ids]
     batches = SFTBatches(examples, args.batch_size, args.seq_len, seed=args.seed + 1)
-    train(model, batches, train_config(args.pretrain_s, args.pretrain_steps, args.lr,
-                                       args.batch_size, args.seq_len, args.seed))
+    seconds = None if args.pretrain_steps else args.pretrain_s
+    train(model, batches, train_config(seconds, args.pretrain_steps, args.lr, args.batch_size,
+                                       args.seq_len, args.seed))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=None, help="an HF model directory with its tokenizer")
     p.add_argument("--methods", nargs="*", default=["lora", "qlora"], choices=["lora", "qlora"])
-    p.add_argument("--max-time-s", type=float, default=240.0, help="fine-tuning seconds per method")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--pretrain-s", type=float, default=180.0,
+    p.add_argument("--max-time-s", type=float, default=300.0,
+                   help="most fine-tuning seconds per method")
+    p.add_argument("--max-steps", type=int, default=150,
+                   help="fine-tuning steps per method (80 conversations: more steps overfit them)")
+    p.add_argument("--pretrain-s", type=float, default=600.0,
                    help="without --base: seconds of plain-text pretraining of the base")
-    p.add_argument("--pretrain-steps", type=int, default=None)
+    p.add_argument("--pretrain-steps", type=int, default=None, help="steps instead of seconds")
     p.add_argument("--preset", default="llama-10m", help="without --base: the base's shape")
     p.add_argument("--high", type=int, default=9, help="sums of a, b in 0..HIGH")
     p.add_argument("--n-test", type=int, default=20)

@@ -190,6 +190,22 @@ def test_lora_composes_with_the_kernels_seam(tok):
     assert (fused(x) - want).abs().max() <= 1e-5
 
 
+def test_lora_over_an_int8_kernels_base_trains_only_the_adapter(tok):
+    from lmstack.compress import quantize_
+    model = tiny(tok)
+    quantize_(model, "int8", progress=False)
+    x = tokens(tok)
+    with torch.no_grad():
+        want = model(x)
+    apply_lora(model, ["q_proj", "down_proj"], r=4, alpha=8)
+    assert type(model.layers[0].self_attn.q_proj.base).__name__ == "Int8Linear"
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
+    model(x).float().pow(2).mean().backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all(".lora_" in n for n in trained)
+
+
 # ----------------------------------------------------------------------------- PEFT interop
 
 def _hf_logits(hf, x):

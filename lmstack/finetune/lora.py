@@ -17,6 +17,7 @@ model (merged or not), leaving a plain Transformer that `save_hf` writes.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -76,7 +77,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.merged = False
         self.base = base
-        device = next(base.parameters(), torch.empty(0)).device
+        device = next(itertools.chain(base.parameters(), base.buffers())).device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as PEFT's

@@ -77,6 +77,27 @@ def test_quantized_linear_equals_its_dequantized_reference_on_kernel_and_tile_pa
         assert rel_error(y, m.reference(x)) < REL_TOL[qk.KERNEL_DTYPE], (rows, path)  # bf16 sums
 
 
+def unaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t that starts 8 bytes into its storage, as a tensor of a loaded file can."""
+    offset = 8 // t.element_size()
+    buffer = torch.empty(t.numel() + offset, dtype=t.dtype)
+    buffer[offset:].copy_(t.flatten())
+    return buffer[offset:].view_as(t)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4-g32"])
+def test_kernels_take_codes_and_inputs_that_start_anywhere(kind):
+    """The int8 kernel's AVX-512 path crashed on operands that do not start 64-byte aligned
+    (aligned vector loads) until the module copied them aligned."""
+    m = quantized_linear(kind, 64, 64, torch.bfloat16)
+    if kind == "int8":
+        m = Int8Linear.from_codes(unaligned(m.qweight), m.scales, m.bias)
+    x = unaligned(torch.randn(4, 64, dtype=torch.bfloat16))
+    for rows in (x, unaligned(x[:1])):
+        assert m.path(rows) == "kernel"
+        assert rel_error(m(rows), m.reference(rows)) < REL_TOL[qk.KERNEL_DTYPE]
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4-g32"])
 def test_a_rows_result_does_not_depend_on_the_path_its_call_took(kind):
     """Both paths compute at the kernels' precision: the rows of a many-row call (tiles) are

@@ -51,6 +51,15 @@ KERNEL_DTYPE = torch.bfloat16
 INT4_MIN_ROW_BLOCK = 16
 """The int4 kernels take output rows in blocks of 16 (N must be a multiple of it)."""
 
+KERNEL_ALIGNMENT = 64
+"""Bytes the int8 kernel's operands are aligned to: its AVX-512 path reads them with aligned
+vector loads and crashes on a tensor that starts elsewhere (a view into a loaded file, a slice)."""
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a fresh copy of it (the allocator aligns new tensors) when it starts unaligned."""
+    return t if t.data_ptr() % KERNEL_ALIGNMENT == 0 else t.clone()
+
 
 _MAX_KERNEL_ROWS: dict[tuple[type, str], int] = {}  # by (module type, device type), once per process
 
@@ -281,14 +290,15 @@ class Int8Linear(QuantizedLinear):
         if not has_kernel("_weight_int8pack_mm", device):
             _warn_reference("Int8Linear", device, "torch has no int8 weight-only kernel there")
             return
-        self.kernel_scales, self.kernel = self.scales.to(KERNEL_DTYPE), device.type
+        self.qweight = aligned(self.qweight)
+        self.kernel_scales, self.kernel = aligned(self.scales.to(KERNEL_DTYPE)), device.type
         self.max_kernel_rows = measure_max_kernel_rows(self)
 
     def unprepare(self) -> None:
         self.kernel, self.kernel_scales = None, None
 
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x, self.qweight, self.kernel_scales.to(x.dtype))
+        return torch._weight_int8pack_mm(aligned(x), self.qweight, aligned(self.kernel_scales.to(x.dtype)))
 
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         return self.qweight[start:stop].to(dtype) * self.scales[start:stop, None].to(dtype)

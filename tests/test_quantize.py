@@ -99,16 +99,19 @@ def test_kernels_take_codes_and_inputs_that_start_anywhere(kind):
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4-g32"])
-def test_a_rows_result_does_not_depend_on_the_path_its_call_took(kind):
-    """Both paths compute at the kernels' precision: the rows of a many-row call (tiles) are
-    those of one-row calls (kernel), up to fp32 summation order before the bf16 rounding."""
+def test_a_rows_result_on_either_path_agrees_to_bf16_rounding(kind):
+    """The rows of a many-row call (tiles, bf16 weights) are those of one-row calls (kernel, which
+    rounds by the CPU's rule: bf16 weights on AVX2, fp32 on AVX-512) to bf16 rounding, and both
+    are the fp32 reference's to the same tolerance."""
     m = quantized_linear(kind, 80, 256, torch.float32)
     x = torch.randn(m.max_kernel_rows + 1, 256)
     alone = torch.cat([m(row[None]) for row in x])
     together = m(x)
     assert m.path(x[:1]) == "kernel" and m.path(x) == "tiles"
-    assert (alone == together).float().mean() > 0.99
-    assert rel_error(together, alone) < 1e-3
+    assert together.dtype == alone.dtype == torch.float32
+    assert rel_error(together, alone) < 1e-2
+    for y in (alone, together):
+        assert rel_error(y, m.reference(x)) < REL_TOL[qk.KERNEL_DTYPE]
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4-g64"])

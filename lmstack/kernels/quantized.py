@@ -16,8 +16,11 @@ Products run on the integer kernels torch ships, where the device has one (`has_
 `torch._weight_int4pack_mm` (CUDA) on the codes reordered for them when the module is loaded or
 moved (`prepare`). On CPU the reordered codes replace the file's order in memory (one copy; the
 state_dict is written in the file's order again); on CUDA they are a second copy. The kernels
-compute in bf16 (`KERNEL_DTYPE`): activations of other dtypes are cast in and out (eagerly;
-compiled graphs keep x's dtype), and the tile path rounds the same way.
+take bf16 activations (`KERNEL_DTYPE`): activations of other dtypes are cast in and out
+(eagerly; compiled graphs keep x's dtype). Inside, how they round depends on the CPU (on AVX2
+they dequantize to bf16; on AVX-512 they dequantize and sum in fp32). The tile path always
+dequantizes to bf16, where the CPU's bf16 products are several times faster than fp32 ones, so
+the two paths agree to bf16 rounding, and exactly only where the kernel also rounds to bf16.
 Without a kernel a module warns once and runs the tile path below on every call.
 
 Many rows (prefill) do not go to the kernels, which read and dequantize the whole packed weight
@@ -187,8 +190,7 @@ class QuantizedLinear(nn.Module):
             torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # With a kernel, every path computes at its precision (bf16 in, fp32 sums, bf16 out), so
-        # a row's result does not depend on the path its call took. Traced code keeps x's dtype:
+        # With a kernel, every path takes bf16 in and gives bf16 out (fp32 sums). Traced code keeps x's dtype:
         # inductor writes its own code for these products, and its CPU flex-attention template
         # takes no cast as an epilogue.
         eager_kernel = self.kernel is not None and not torch.compiler.is_compiling()

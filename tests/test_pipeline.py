@@ -1,7 +1,7 @@
 """Pipeline parallelism (lmstack.train.pipeline): the stages chained equal the model, and
 2 stages under torchrun (gloo, CPU) train like one process, GPipe and 1F1B, with masked
-targets and microbatches that need padding rows; too many stages, and checkpoints of stages
-(not supported yet), fail on every rank.
+targets and microbatches that need padding rows, and their sharded checkpoints resume in one
+process; too many stages fail on every rank.
 
 Launched runs are judged by the result files each rank writes, not by torchrun's exit code
 alone: gloo sometimes aborts at teardown after the work is done.
@@ -28,7 +28,7 @@ from test_train import ArraySource, ListSource, quiet_config  # noqa: E402
 
 from lmstack.model import ModelConfig, Transformer  # noqa: E402
 from lmstack.train import distributed, train  # noqa: E402
-from lmstack.train.config import EvalConfig, OptimConfig, ParallelConfig  # noqa: E402
+from lmstack.train.config import CheckpointConfig, EvalConfig, OptimConfig, ParallelConfig  # noqa: E402
 from lmstack.train.optim import make_optimizer  # noqa: E402
 from lmstack.train.pipeline import split_stage, stage_layers  # noqa: E402
 
@@ -55,6 +55,7 @@ def step_batches(batch_size: int, grad_accum: int, seed: int = 7) -> list:
 def run_config(spec: dict):
     return quiet_config(batch_size=spec["batch_size"], grad_accum=spec["grad_accum"], seq_len=16,
                         max_steps=STEPS, eval=EvalConfig(every=5),
+                        checkpoint=CheckpointConfig(every=spec.get("checkpoint_every", 3), keep_last=2),
                         activation_checkpointing=spec.get("activation_checkpointing", False),
                         parallel=ParallelConfig(**spec.get("parallel", {})))
 
@@ -93,8 +94,9 @@ RUNS = {
                        "parallel": {"pp": 2, "pp_schedule": "1f1b", "microbatches": 4}},
     "too-many-stages": {"n_layers": 1, "batch_size": 2, "grad_accum": 1,
                         "parallel": {"pp": 2, "pp_schedule": "gpipe"}},
+    # a sharded checkpoint every 5 steps (each stage writes its part)
     "checkpointed": {"n_layers": 2, "batch_size": 2, "grad_accum": 1, "out_dir": True,
-                     "parallel": {"pp": 2, "pp_schedule": "gpipe"}},
+                     "checkpoint_every": 5, "parallel": {"pp": 2, "pp_schedule": "gpipe"}},
 }
 
 
@@ -261,10 +263,21 @@ def test_more_stages_than_layers_fail_on_every_rank(launched):
         assert "--train.parallel.pp=2 pipeline stages exceed the model's 1 layers" in record["error"]
 
 
-def test_checkpoints_of_stages_are_refused_on_every_rank(launched):
-    """Not supported yet: refused before the first step rather than failing in the first save."""
-    for record in records(launched, "checkpointed"):
-        assert "checkpoints of pipeline stages are not supported yet" in record["error"]
+def test_a_checkpoint_of_stages_resumes_in_one_process(launched):
+    """The stages' sharded checkpoint at step 5 holds the whole model and its optimizer state
+    (numbered as one process numbers it): 5 more steps in one process give the last 5 steps
+    of the uninterrupted single-process run, and its final weights."""
+    spec = RUNS["checkpointed"]
+    expected = assert_same_run(records(launched, "checkpointed"), spec)
+    steps = sorted((launched / "checkpointed" / "checkpoints").glob("step_*"))
+    assert [p.name for p in steps] == ["step_00000005", "step_00000010"]
+    _, losses, _, _ = run({**spec, "parallel": {}})
+    model = Transformer.build(model_config(spec["n_layers"]), seed=1)  # the checkpoint overwrites it
+    result = train(model, ListSource(step_batches(spec["batch_size"], spec["grad_accum"])),
+                   run_config({**spec, "parallel": {}}), resume_from=steps[0],
+                   val_batches=step_batches(spec["batch_size"], 1, seed=9)[:3])
+    assert result.losses == pytest.approx(losses[5:], abs=1e-5, rel=0)
+    assert_close_weights(model.state_dict(), expected)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,11 @@ def tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> d
     state = model_state(model)
     if optimizer is not None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        for index, param in enumerate(params):  # the numbering of optimizer.state_dict()
+        # the numbering of optimizer.state_dict(); a pipeline stage numbers its parameters as
+        # the whole model's optimizer does, so that the stages' keys do not collide
+        positions = getattr(model, "optimizer_positions", None)
+        indices = positions(optimizer) if positions is not None else range(len(params))
+        for index, param in zip(indices, params, strict=True):
             for key, value in optimizer.state[param].items():
                 if isinstance(value, torch.Tensor):
                     state[f"{index}.{key}"] = value

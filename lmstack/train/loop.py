@@ -162,7 +162,7 @@ def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
     checkpoints are sharded (train.dcp).
     """
     check_seq_len(model, cfg.seq_len)
-    pipeline = _pipeline(model, cfg, mesh, loss_fn, out_dir)
+    pipeline = _pipeline(model, cfg, mesh, loss_fn)
     if pipeline is not None:
         model = pipeline.module  # this rank's stage: what it trains, clips and saves
     device = next(model.parameters()).device
@@ -321,8 +321,8 @@ def _save(out_dir: Path, model, optimizer, precision, batches, cfg, run, base, m
                 keep_last=cfg.checkpoint.keep_last)
 
 
-def _pipeline(model: nn.Module, cfg: TrainConfig, mesh: DeviceMesh | None, loss_fn: LossFn,
-              out_dir) -> Pipeline | None:
+def _pipeline(model: nn.Module, cfg: TrainConfig, mesh: DeviceMesh | None,
+              loss_fn: LossFn) -> Pipeline | None:
     """The schedule that steps this rank's pipeline stage (None unless --train.parallel.pp > 1)."""
     if cfg.parallel.pp == 1:
         return None
@@ -332,10 +332,6 @@ def _pipeline(model: nn.Module, cfg: TrainConfig, mesh: DeviceMesh | None, loss_
     if loss_fn is not cross_entropy_sum:
         raise ValueError("pipeline stages compute the default cross-entropy on the last stage; "
                          "a custom loss_fn needs --train.parallel.pp=1")
-    if out_dir is not None:  # train.dcp keys optimizer state by each rank's own numbering
-        raise ValueError("checkpoints of pipeline stages are not supported yet (the stages' "
-                         "optimizer state numbers collide in a sharded checkpoint); train with "
-                         "--train.parallel.pp > 1 without an output directory")
     return Pipeline(model, mesh, cfg.parallel, token_cross_entropy_sum, IGNORE_INDEX)
 
 

@@ -239,7 +239,7 @@ def test_compiled_steps_that_do_not_pay_run_eagerly(model, reference, monkeypatc
     decode, calls = llm.runner.decode, []
     for name in ("frozen", "graph"):
         step = getattr(decode, name)
-        setattr(decode, name, lambda *a, s=step: calls.append(1) or time.sleep(0.02) or s(*a))
+        setattr(decode, name, lambda *a, s=step: calls.append(1) or time.sleep(0.1) or s(*a))
     with pytest.warns(RuntimeWarning, match="run eagerly from now on"):
         outs = llm.generate(mixed_prompts(), GREEDY)
     assert [o.token_ids for o in outs] == reference

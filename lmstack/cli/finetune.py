@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 
 from lmstack.cli import flags
-from lmstack.cli.pretrain import HELP
+from lmstack.cli.pretrain import HELP, resume_point
 from lmstack.cli.sample import find_checkpoint, find_tokenizer
 from lmstack.data.sft import SFTBatches, fixed_batches, load_sft
 from lmstack.finetune import (
@@ -46,13 +46,11 @@ from lmstack.model.tokenizer import Tokenizer
 from lmstack.train import (
     TrainConfig,
     TrainResult,
-    latest_checkpoint,
-    list_checkpoints,
     resolve_device,
     train,
 )
 from lmstack.train.checkpoint import seed_everything, validate_checkpoint
-from lmstack.train.loop import CHECKPOINT_DIR, check_seq_len
+from lmstack.train.loop import check_seq_len
 
 
 @dataclass
@@ -152,18 +150,6 @@ def adapt(model: torch.nn.Module, method: str, lora: LoRAConfig) -> None:
     apply_lora(model, lora.targets, lora.r, lora.alpha, lora.dropout, lora.rslora)
     if method == "qlora":
         quantize_nf4(model)
-
-
-def resume_point(out: Path, resume: bool) -> Path | None:
-    ckpts = out / CHECKPOINT_DIR
-    if not resume:
-        if list_checkpoints(ckpts):
-            raise ValueError(f"{out} already holds checkpoints; pass --resume to continue "
-                             "that run, or choose another --out")
-        return None
-    path = latest_checkpoint(ckpts)
-    print(f"resuming from {path}" if path else f"no checkpoint in {ckpts}; starting from step 0")
-    return path
 
 
 def check_same_base(checkpoint: Path, base: dict) -> None:

@@ -170,7 +170,7 @@ def pretrain(args: PretrainArgs) -> TrainResult:
     distributed.check_parallel(config, cfg, distributed.launched_world_size())
     with distributed.launch(resolve_device(cfg.device), cfg.parallel) as (device, mesh):
         main = distributed.rank() == 0
-        resume_from = _resume_point(out, args.resume, main)
+        resume_from = resume_point(out, args.resume, main)
         model = distributed.build_model(config, cfg, mesh, device)
         check_seq_len(model, cfg.seq_len)
         dp = distributed.dp_size(mesh)
@@ -200,7 +200,8 @@ def _export(model: Transformer, mesh, result: TrainResult, out: Path, tokenizer:
     tokenizer.save(out / "hf")
 
 
-def _resume_point(out: Path, resume: bool, main: bool = True) -> Path | None:
+def resume_point(out: Path, resume: bool, main: bool = True) -> Path | None:
+    """The checkpoint a run in OUT continues from (None: a fresh run); refuses to overwrite one."""
     ckpts = out / CHECKPOINT_DIR
     if not resume:
         if list_checkpoints(ckpts):

@@ -150,7 +150,7 @@ def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
           out_dir: str | Path | None = None, val_batches: Sequence[Batch] | None = None,
           loss_fn: LossFn = cross_entropy_sum, hooks: Sequence[Hook] = (),
           resume_from: str | Path | None = None, base: dict | None = None,
-          mesh: DeviceMesh | None = None) -> TrainResult:
+          mesh: DeviceMesh | None = None, val_loss_fn: LossFn | None = None) -> TrainResult:
     """Train `model` in place until cfg.max_steps or cfg.max_time_s.
 
     out_dir receives metrics.jsonl, TensorBoard logs, checkpoints/ and loss_curve.png (None:
@@ -160,6 +160,8 @@ def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
     mesh: the DeviceMesh of a torchrun launch, with `model` already parallelised over it
     (distributed.build_model); every rank calls train(), rank 0 alone logs and plots, and
     checkpoints are sharded (train.dcp).
+    val_loss_fn: the validation loss, when it is not loss_fn (distillation trains on its own
+    loss and reports plain cross-entropy, comparable to pretraining's).
     """
     check_seq_len(model, cfg.seq_len)
     pipeline = _pipeline(model, cfg, mesh, loss_fn)
@@ -173,7 +175,7 @@ def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
     run = _start(model, optimizer, precision, batches, cfg, resume_from, mesh)
     if mesh is None:  # under a mesh, distributed.parallelize applied them before sharding
         _apply_transforms(model, cfg)
-    loss_fn = loss_for(loss_fn, cfg)
+    loss_fn, val_loss_fn = loss_for(loss_fn, cfg), loss_for(val_loss_fn or loss_fn, cfg)
     flops_per_token = _flops_per_token(model, cfg)
     log = _metrics_log(out_dir, cfg, run.step)
     result = TrainResult(run.step, [], None, None, None)
@@ -184,7 +186,7 @@ def train(model: nn.Module, batches: BatchSource, cfg: TrainConfig, *,
                                 flops_per_token, dp_size(mesh), pipeline)
             last = _finished(cfg, run)
             if val_batches and (last or _due(run.step, cfg.eval.every)):
-                stats.val_loss = (evaluate(model, val_batches, loss_fn, precision) if pipeline is None
+                stats.val_loss = (evaluate(model, val_batches, val_loss_fn, precision) if pipeline is None
                                   else pipeline.evaluate(val_batches, precision))
                 stats.val_ppl = perplexity(stats.val_loss)
                 result.val_loss, result.val_ppl = stats.val_loss, stats.val_ppl
@@ -329,10 +331,15 @@ def _pipeline(model: nn.Module, cfg: TrainConfig, mesh: DeviceMesh | None,
     if mesh is None:
         raise ValueError(f"--train.parallel.pp={cfg.parallel.pp} needs a torchrun launch: pass "
                          "train() the mesh of distributed.build_mesh")
-    if loss_fn is not cross_entropy_sum:
+    check_pipeline_loss(cfg, loss_fn)
+    return Pipeline(model, mesh, cfg.parallel, token_cross_entropy_sum, IGNORE_INDEX)
+
+
+def check_pipeline_loss(cfg: TrainConfig, loss_fn: LossFn) -> None:
+    """Pipeline stages compute the default loss only: refuse any other under pp > 1."""
+    if cfg.parallel.pp > 1 and loss_fn is not cross_entropy_sum:
         raise ValueError("pipeline stages compute the default cross-entropy on the last stage; "
                          "a custom loss_fn needs --train.parallel.pp=1")
-    return Pipeline(model, mesh, cfg.parallel, token_cross_entropy_sum, IGNORE_INDEX)
 
 
 def _metrics_log(out_dir, cfg: TrainConfig, start_step: int) -> MetricsLog:

@@ -23,7 +23,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
+from torch.distributed.device_mesh import DeviceMesh
 
 from lmstack.cli import flags
 from lmstack.data import TokenStream, load_meta
@@ -40,7 +42,7 @@ from lmstack.train import (
     train,
 )
 from lmstack.train.dcp import export_hf
-from lmstack.train.loop import CHECKPOINT_DIR, check_seq_len
+from lmstack.train.loop import CHECKPOINT_DIR, LossFn, check_seq_len, cross_entropy_sum
 
 
 @dataclass
@@ -163,30 +165,40 @@ def model_config(args: ModelArgs, vocab_size: int) -> ModelConfig:
 def pretrain(args: PretrainArgs) -> TrainResult:
     """Data -> model -> train loop -> final checkpoint, HF export and summary. Under torchrun
     every rank runs this; rank 0 alone writes the run files and the export, and prints."""
-    cfg, out = args.train, Path(args.out)
+    cfg = args.train
     meta = load_meta(args.data)
     config = model_config(args.model, meta["vocab_size"])
     # before any collective, so every rank fails alike (torchrun then stops the others)
     distributed.check_parallel(config, cfg, distributed.launched_world_size())
     with distributed.launch(resolve_device(cfg.device), cfg.parallel) as (device, mesh):
-        main = distributed.rank() == 0
-        resume_from = resume_point(out, args.resume, main)
-        model = distributed.build_model(config, cfg, mesh, device)
-        check_seq_len(model, cfg.seq_len)
-        dp = distributed.dp_size(mesh)
-        batches = TokenStream(args.data, "train", cfg.batch_size // dp, cfg.seq_len, seed=cfg.seed,
-                              rank=distributed.dp_rank(mesh), world_size=dp)
-        val_batches = _val_batches(args, meta)
-        tokenizer = Tokenizer.load(Path(args.data) / "tokenizer")
-        if main:
-            _write_run_files(out, args, tokenizer)
-            ranks = f" x {mesh.size()} ranks" if mesh is not None else ""
-            print(f"model: {model.num_params():,} parameters on {device}{ranks}; out: {out}")
-        result = train(model, batches, cfg, out_dir=out, val_batches=val_batches,
-                       resume_from=resume_from, mesh=mesh)
-        if main:
-            _export(model, mesh, result, out, tokenizer)
-            _print_summary(result, out)
+        return train_on_shards(args, config, meta, device, mesh)
+
+
+def train_on_shards(args: PretrainArgs, config: ModelConfig, meta: dict, device: torch.device,
+                    mesh: DeviceMesh | None, loss_fn: LossFn = cross_entropy_sum,
+                    val_loss_fn: LossFn | None = None) -> TrainResult:
+    """One rank's run inside a launch: build the model, stream the shards, train, export.
+    args: PretrainArgs or any settings with its fields (lmstack distill's); distillation passes
+    its loss_fn, and plain cross-entropy as val_loss_fn."""
+    cfg, out = args.train, Path(args.out)
+    main = distributed.rank() == 0
+    resume_from = resume_point(out, args.resume, main)
+    model = distributed.build_model(config, cfg, mesh, device)
+    check_seq_len(model, cfg.seq_len)
+    dp = distributed.dp_size(mesh)
+    batches = TokenStream(args.data, "train", cfg.batch_size // dp, cfg.seq_len, seed=cfg.seed,
+                          rank=distributed.dp_rank(mesh), world_size=dp)
+    val_batches = _val_batches(args, meta)
+    tokenizer = Tokenizer.load(Path(args.data) / "tokenizer")
+    if main:
+        _write_run_files(out, args, tokenizer)
+        ranks = f" x {mesh.size()} ranks" if mesh is not None else ""
+        print(f"model: {model.num_params():,} parameters on {device}{ranks}; out: {out}")
+    result = train(model, batches, cfg, out_dir=out, val_batches=val_batches,
+                   resume_from=resume_from, mesh=mesh, loss_fn=loss_fn, val_loss_fn=val_loss_fn)
+    if main:
+        _export(model, mesh, result, out, tokenizer)
+        _print_summary(result, out)
     return result
 
 

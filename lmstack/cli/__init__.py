@@ -20,6 +20,7 @@ COMMANDS = {
     "generate": "run the batched inference engine on prompts",
     "serve": "an OpenAI-compatible HTTP server over the inference engine",
     "quantize": "quantize a model's weights to int8 / int4 (RTN or GPTQ) into a new directory",
+    "distill": "train a student model to match a frozen teacher on prepared shards",
     "demo": "prepare the built-in corpus, pretrain a small model and sample from it",
 }
 

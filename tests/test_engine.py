@@ -470,6 +470,24 @@ def test_logprobs_match_the_model():
         assert list(lp.top) == logp[pos].topk(3).indices.tolist()  # greedy: top-1 is the token
 
 
+def test_prompt_logprobs_match_the_model_and_the_decoded_logprobs():
+    model = build("tiny-llama")
+    llm = LLM(model, block_size=4)
+    prompt = [4, 8, 15, 16, 23, 42]
+    out = llm.generate([prompt], SamplingParams(max_tokens=5, temperature=0, logprobs=2))[0]
+    scored = llm.prompt_logprobs(prompt + out.token_ids, 2)
+    logp = model(torch.tensor([prompt + out.token_ids])).float().log_softmax(-1)[0]
+    assert scored[0] is None and len(scored) == len(prompt) + len(out.token_ids)
+    for pos, lp in enumerate(scored[1:]):
+        assert lp.token_id == (prompt + out.token_ids)[pos + 1]
+        assert math.isclose(lp.logprob, logp[pos, lp.token_id].item(), abs_tol=1e-4)
+        assert list(lp.top) == logp[pos].topk(2).indices.tolist()
+    for decoded, again in zip(out.logprobs, scored[len(prompt):], strict=True):  # paged = one pass
+        assert decoded.token_id == again.token_id
+        assert math.isclose(decoded.logprob, again.logprob, abs_tol=1e-4)
+    assert_all_free(llm)
+
+
 def test_timing_and_stream_early_close(model):
     llm = LLM(model)
     out = llm.generate([[1, 2, 3]], GREEDY)[0].metrics

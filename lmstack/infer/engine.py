@@ -26,7 +26,7 @@ from lmstack.infer.compiled import SHARED, CompileCache
 from lmstack.infer.loading import load_model, load_tokenizer, parse_dtype
 from lmstack.infer.outputs import IncrementalText, RequestMetrics, RequestOutput, TokenLogprob
 from lmstack.infer.runner import ModelRunner, SampledToken
-from lmstack.infer.sampling import SamplingParams
+from lmstack.infer.sampling import SamplingParams, compute_logprobs
 from lmstack.infer.scheduler import ScheduledBatch, Scheduler
 from lmstack.infer.sequence import FinishReason, Sequence
 from lmstack.infer.speculative import SpeculativeDecoder
@@ -346,6 +346,22 @@ class LLM:
         for runner in self.runners:
             runner.refresh()
         return self.reset_prefix_cache()
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt: Prompt, n: int = 0) -> list[TokenLogprob | None]:
+        """Each prompt token's logprob given the tokens before it, with the top-n alternatives
+        (the raw distribution over the tokenizer's ids); None for the first token, which nothing
+        precedes. One full causal pass over the prompt outside the paged cache and the
+        scheduler (its (T, V) logits at once), so call it between steps."""
+        ids = self._encode(prompt)
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, over the context of "
+                             f"{self.max_model_len}; shorten it")
+        tokens = torch.tensor(ids, device=self.runner.device)
+        logits = self.model(tokens[None])[0, :-1, :self.runner.num_text_ids]  # (T-1, V)
+        chosen, top_vals, top_ids = (t.tolist() for t in compute_logprobs(logits, tokens[1:], n))
+        return [None] + [TokenLogprob(t, c, dict(zip(i, v, strict=True)))
+                         for t, c, i, v in zip(ids[1:], chosen, top_ids, top_vals, strict=True)]
 
     def stats(self) -> dict[str, float]:
         b = self.blocks

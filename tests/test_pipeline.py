@@ -102,7 +102,8 @@ RUNS = {
 
 def rank_main(spec_path: str) -> None:
     """One rank: each run of the spec on the mesh, one after another; for each, write
-    <run>-rank<R>.json and the weights this rank trained (<run>-weights<R>.safetensors)."""
+    <run>-rank<R>.json and the weights this rank trained (<run>-weights<R>.safetensors: under
+    pp > 1 build_model's stage, all that the rank holds)."""
     torch.set_num_threads(1)
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])
@@ -113,8 +114,6 @@ def rank_main(spec_path: str) -> None:
             mesh = distributed.build_mesh(run_config(run_spec).parallel)
             model, losses, norms, val_loss = run(run_spec, mesh,
                                                  out / name if run_spec.get("out_dir") else None)
-            if mesh["pp"].size() > 1:  # the stage this rank trained
-                model = split_stage(model, mesh["pp"].size(), mesh["pp"].get_local_rank())
             save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                       out / f"{name}-weights{rank}.safetensors")
             record = {"losses": losses, "grad_norms": norms, "val_loss": val_loss}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
+import torch
 
 from lmstack.infer import LLM, SamplingParams
 from lmstack.model import ModelConfig, Transformer
@@ -164,6 +165,38 @@ def test_completion_prompt_forms_and_echo(srv, reference):
     assert [ch.text for ch in by_ids.choices] == [want[1], want[1]]
     echo = c.completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0, echo=True)
     assert echo.choices[0].text == "hello world" + want[1]
+
+
+def test_echo_with_logprobs_scores_the_prompt_like_the_model(srv, reference, model_tok):
+    model, tok = model_tok
+    prompts = ["the lazy", "hello world, stop"]
+    want = reference.generate(prompts, greedy(6))
+    c = srv.client()
+    got = c.completions.create(model=NAME, prompt=prompts, max_tokens=6, temperature=0, echo=True,
+                               logprobs=2)
+    for choice, w in zip(sorted(got.choices, key=lambda ch: ch.index), want, strict=True):
+        ids = w.prompt_token_ids + w.token_ids
+        lp = choice.logprobs
+        assert choice.text == prompts[choice.index] + w.text
+        assert lp.tokens == [tok.decode([i]) for i in ids]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        logp = model(torch.tensor([ids]))[0, :, :tok.vocab_size].float().log_softmax(-1)
+        for pos in range(1, len(ids)):  # the prompt's tokens, then the completion's
+            assert lp.token_logprobs[pos] == pytest.approx(logp[pos - 1, ids[pos]].item(), abs=1e-4)
+            top = logp[pos - 1].topk(2)  # keyed by text, as OpenAI's: tokens may share one
+            want_top = {tok.decode([i]): v for i, v in zip(*top[::-1], strict=True)}
+            assert lp.top_logprobs[pos].keys() == want_top.keys()
+            assert list(lp.top_logprobs[pos].values()) == pytest.approx(
+                [v.item() for v in want_top.values()], abs=1e-4)
+        assert lp.text_offset[len(w.prompt_token_ids)] == len(prompts[choice.index])
+    chunks = list(c.completions.create(model=NAME, prompt=prompts[1], max_tokens=6, temperature=0,
+                                       echo=True, logprobs=2, stream=True))
+    streamed = [lp for ch in chunks if (lp := ch.choices[0].logprobs) is not None]
+    whole = sorted(got.choices, key=lambda ch: ch.index)[1].logprobs
+    assert [t for lp in streamed for t in lp.tokens] == whole.tokens
+    values = [v for lp in streamed for v in lp.token_logprobs]
+    assert values[0] is None and values[1:] == pytest.approx(whole.token_logprobs[1:], abs=1e-4)
+    assert len(streamed[0].tokens) > len(want[1].prompt_token_ids)  # the prompt comes first
 
 
 def test_chat_and_streaming_equal_the_engine(srv, reference):

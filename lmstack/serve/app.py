@@ -199,6 +199,8 @@ async def _respond(state: State, engine: Engine, job: Job, request: Request):
         raise APIError(429, f"the server is full ({engine.loop.num_requests} requests running or "
                             "waiting); retry shortly", code="queue_full", headers={"Retry-After": "1"})
     constraints = await _constraints(state, engine, job)
+    if job.echo and job.logprobs is not None:
+        job.prompt_logprobs = [await _prompt_logprobs(engine, p, job.logprobs) for p in job.prompts]
     subs = [Submission(job.request_id(k), job.prompts[k // job.n], p, constraints[k])
             for k, p in enumerate(job.params)]
     sink: asyncio.Queue = asyncio.Queue()
@@ -212,6 +214,15 @@ async def _respond(state: State, engine: Engine, job: Job, request: Request):
     if job.stream:
         return StreamingResponse(_events(job, engine, sink, ids), media_type="text/event-stream")
     return await _gathered(job, engine, sink, ids, request)
+
+
+async def _prompt_logprobs(engine: Engine, prompt: list[int], n: int) -> list:
+    try:
+        return await engine.loop.prompt_logprobs(prompt, n)
+    except ValueError as e:
+        raise APIError(400, str(e), "prompt") from None
+    except EngineDied as e:
+        raise APIError(503, str(e), code="engine_died") from None
 
 
 async def _constraints(state: State, engine: Engine, job: Job) -> list:

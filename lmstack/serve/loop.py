@@ -1,8 +1,8 @@
 """EngineLoop: the one thread that owns the `LLM`; HTTP handlers talk to it through messages.
 
 Handlers run on the asyncio event loop and never touch the engine. They `submit` requests
-(the loop thread validates and queues them between steps, and the handler awaits the answer)
-and `abort` them; the loop thread steps the engine while anything is unfinished and hands each
+(the loop thread validates and queues them between steps, and the handler awaits the answer),
+`abort` them, and ask for prompt logprobs (computed between steps); the loop thread steps the engine while anything is unfinished and hands each
 step's outputs back to the event loop in one call, where they go to the queue of the HTTP
 request they belong to (one queue per HTTP request, shared by its `n` choices).
 
@@ -18,7 +18,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from lmstack.infer import LLM, RequestOutput, SamplingParams
+from lmstack.infer import LLM, RequestOutput, SamplingParams, TokenLogprob
 from lmstack.infer.structured import Constraint
 from lmstack.serve.metrics import ServerMetrics
 
@@ -85,6 +85,14 @@ class EngineLoop:
                 self.sinks.pop(s.request_id, None)
             raise
 
+    async def prompt_logprobs(self, prompt: list[int], n: int) -> list[TokenLogprob | None]:
+        """LLM.prompt_logprobs, run by the loop thread between steps; ValueError if refused."""
+        if not self.alive:
+            raise EngineDied(f"the engine loop has stopped: {self.error!r}")
+        done: Future = Future()
+        self.inbox.put(("score", prompt, n, done))
+        return await asyncio.wrap_future(done)
+
     def abort(self, request_ids: list[str]) -> None:
         """Stop these requests (a client went away): their KV blocks are freed before the next step."""
         live = [r for r in request_ids if self.sinks.pop(r, None) is not None]
@@ -143,6 +151,12 @@ class EngineLoop:
             try:
                 self._add_all(subs)
                 done.set_result(None)
+            except ValueError as e:
+                done.set_exception(e)
+        elif message[0] == "score":
+            _, prompt, n, done = message
+            try:
+                done.set_result(self.llm.prompt_logprobs(prompt, n))
             except ValueError as e:
                 done.set_exception(e)
         elif message[0] == "abort":

@@ -10,7 +10,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from lmstack.infer import SamplingParams
+from lmstack.infer import SamplingParams, TokenLogprob
 from lmstack.serve.config import ServeConfig
 from lmstack.serve.errors import APIError
 from lmstack.serve.protocol import ChatMessage, ChatRequest, CompletionRequest, Sampling
@@ -40,6 +40,7 @@ class Job:
     tool: ToolMode | None = None
     echo: list[str] | None = None  # completions: the prompt text to put before each choice's
     logprobs: int | None = None  # completions: top-n per token; chat: top_logprobs
+    prompt_logprobs: list[list[TokenLogprob | None]] | None = None  # echo with logprobs, per prompt
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -68,9 +69,6 @@ class Limits:
 def completion_job(req: CompletionRequest, tokenizer, limits: Limits, model: str) -> Job:
     if req.suffix is not None:
         raise APIError(400, "suffix is not supported (no fill-in-the-middle); leave it out", "suffix")
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "echo with logprobs (prompt logprobs) is not supported; drop one",
-                       "echo")
     prompts = _completion_prompts(req.prompt, tokenizer)
     params = [p for ids in prompts for p in _choices(req, ids, req.max_tokens, req.logprobs, limits)]
     echo = [tokenizer.decode(ids) for ids in prompts] if req.echo else None

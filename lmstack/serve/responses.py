@@ -70,28 +70,47 @@ def completion_body(job: Job, finals: dict[int, RequestOutput], tokenizer) -> di
     for k in range(job.num_choices):
         out = finals[k]
         echo = job.echo[k // job.n] if job.echo else ""
+        lp = _completion_logprobs(job, out.logprobs, tokenizer, _echoed(job, k))
         choices.append({"index": k, "text": echo + out.text, "finish_reason": out.finish_reason,
-                        "logprobs": _completion_logprobs(job, out.logprobs, tokenizer, len(echo))})
+                        "logprobs": lp})
     return {**_head(job, "text_completion"), "choices": choices, "usage": usage(job, finals)}
 
 
 def completion_chunk(job: Job, d: Delta, tokenizer, prefix: str = "") -> dict:
-    lp = _completion_logprobs(job, d.logprobs, tokenizer, 0) if d.num_tokens else None
+    """A chunk for Delta d; `prefix`: the echoed prompt (the choice's first chunk), whose
+    logprobs then come first."""
+    echoed = _echoed(job, d.index) if prefix else ([], [])
+    lp = None
+    if d.num_tokens or prefix:
+        lp = _completion_logprobs(job, d.logprobs, tokenizer, echoed)
     choice = {"index": d.index, "text": prefix + d.text, "logprobs": lp,
               "finish_reason": _finish_reason(job, d.out)}
     return {**_head(job, "text_completion"), "choices": [choice]}
 
 
-def _completion_logprobs(job: Job, lps: list[TokenLogprob] | None, tokenizer, offset: int):
+def _echoed(job: Job, k: int) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Choice k's echoed prompt: its ids and logprobs (the first None), if echo has logprobs."""
+    if job.prompt_logprobs is None:
+        return [], []
+    return job.prompts[k // job.n], job.prompt_logprobs[k // job.n]
+
+
+def _completion_logprobs(job: Job, lps: list[TokenLogprob] | None, tokenizer,
+                         echoed: tuple[list[int], list[TokenLogprob | None]]):
+    """OpenAI's legacy logprobs object over the echoed prompt's tokens (if any) and `lps`; the
+    first prompt token has null logprob and top_logprobs, as OpenAI's."""
     if job.logprobs is None or lps is None:
         return None
-    tokens = [tokenizer.decode([lp.token_id]) for lp in lps]
-    offsets, at = [], offset
+    ids = echoed[0] + [lp.token_id for lp in lps]
+    values = echoed[1] + lps
+    tokens = [tokenizer.decode([i]) for i in ids]
+    offsets, at = [], 0
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    top = [{tokenizer.decode([i]): v for i, v in lp.top.items()} for lp in lps]
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+    top = [None if lp is None else {tokenizer.decode([i]): v for i, v in lp.top.items()}
+           for lp in values]
+    return {"tokens": tokens, "token_logprobs": [None if lp is None else lp.logprob for lp in values],
             "top_logprobs": top, "text_offset": offsets}
 
 

@@ -39,6 +39,7 @@ from lmstack.kernels import FUSED, swap_linears
 from lmstack.model import ModelConfig, Transformer
 from lmstack.train.config import ParallelConfig, TrainConfig
 from lmstack.train.parallel import apply_activation_checkpointing, apply_compile, blocks
+from lmstack.train.pipeline import StageModule, check_stages, split_stage
 from lmstack.train.precision import AUTOCAST_DTYPES, resolve_dtype
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
@@ -46,10 +47,10 @@ DP_DIMS = ("dp_replicate", "dp_shard")
 
 __all__ = [
     "DP_DIMS", "MESH_DIMS", "FullTensorInit", "ParallelConfig", "apply_fsdp", "apply_tensor_parallel",
-    "build_mesh", "build_model", "check_parallel", "check_shardable", "check_tp_linears",
-    "check_world_size", "dp_rank", "dp_size", "full_tensors", "init_distributed", "is_distributed",
+    "build_mesh", "build_model", "build_stage", "check_parallel", "check_shardable", "check_tp_linears",
+    "check_world_size", "data_parallel", "dp_rank", "dp_size", "full_tensors", "init_distributed", "is_distributed",
     "launch", "launched_world_size", "lay_out_grads_like_params", "parallelize", "rank",
-    "RankSlice", "rank_prefix", "rank_state_bytes", "shutdown",
+    "RankSlice", "rank_prefix", "rank_state_bytes", "shutdown", "transform_blocks",
 ]
 
 
@@ -203,6 +204,11 @@ def check_parallel(model_config: ModelConfig, cfg: TrainConfig, world_size: int)
     if cfg.batch_size % p.dp:
         raise ValueError(f"--train.batch-size={cfg.batch_size} (the global micro-batch) is not a "
                          f"multiple of the data-parallel degree dp-replicate x dp-shard = {p.dp}")
+    if p.pp > 1 and p.tp > 1:
+        raise ValueError(f"--train.parallel.pp={p.pp} with tp={p.tp}: pipeline stages compose with "
+                         "--train.parallel.dp-shard and dp-replicate (FSDP2 inside each stage), "
+                         "not with tensor parallelism yet; set --train.parallel.tp=1 or pp=1")
+    check_stages(model_config, p.pp)
 
 
 def parallelize(model: Transformer, cfg: TrainConfig, mesh: DeviceMesh) -> Transformer:
@@ -213,9 +219,17 @@ def parallelize(model: Transformer, cfg: TrainConfig, mesh: DeviceMesh) -> Trans
       4. torch.compile per block;
       5. FSDP2 over ("dp_replicate", "dp_shard") (HSDP when both exceed 1), or DDP when only
          dp_replicate > 1 and nothing else splits the model.
-    Parameter names never change, so checkpoints look the same under any layout."""
-    p = cfg.parallel
+    Parameter names never change, so checkpoints look the same under any layout. A pipeline
+    stage (build_model) takes 1-4 on the whole meta model and 5 on the stage alone."""
     check_parallel(model.config, cfg, mesh.size())
+    transform_blocks(model, cfg, mesh)
+    data_parallel(model, cfg, mesh)
+    return model
+
+
+def transform_blocks(model: Transformer, cfg: TrainConfig, mesh: DeviceMesh) -> None:
+    """Steps 1-4 of parallelize: what changes the modules of the blocks, embedding and head."""
+    p = cfg.parallel
     if cfg.fused_projections:
         swap_linears(model, FUSED)
     if p.tp > 1:
@@ -225,6 +239,13 @@ def parallelize(model: Transformer, cfg: TrainConfig, mesh: DeviceMesh) -> Trans
         apply_activation_checkpointing(model)
     if cfg.compile:
         apply_compile(model)
+
+
+def data_parallel(model: Transformer | StageModule, cfg: TrainConfig, mesh: DeviceMesh) -> None:
+    """Step 5 of parallelize. With tp or pp > 1, dp_replicate alone is FSDP2 over a
+    (dp_replicate, dp_shard=1) mesh too: whole weights per replica, gradients all-reduced, and
+    the pipeline schedule knows FSDP2 modules (DDP's reducer expects a backward per forward)."""
+    p = cfg.parallel
     if p.dp_shard > 1 or (p.dp_replicate > 1 and (p.tp > 1 or p.pp > 1)):
         dp_mesh = mesh["dp_shard"] if p.dp_replicate == 1 else mesh[DP_DIMS]  # 2-D: HSDP
         apply_fsdp(model, dp_mesh, _param_dtype(cfg, mesh.device_type))
@@ -232,7 +253,6 @@ def parallelize(model: Transformer, cfg: TrainConfig, mesh: DeviceMesh) -> Trans
         replicate(model, device_mesh=mesh["dp_replicate"])
     elif _tp_alone(p) and next(model.parameters()).device.type != "meta":
         lay_out_grads_like_params(model)  # (FSDP2 lays out TP gradients itself)
-    return model
 
 
 def _tp_alone(p: ParallelConfig) -> bool:
@@ -306,19 +326,21 @@ def lay_out_grads_like_params(model: nn.Module) -> None:
             param.register_post_accumulate_grad_hook(match)
 
 
-def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None) -> None:
+def apply_fsdp(model: Transformer | StageModule, dp_mesh: DeviceMesh,
+               param_dtype: torch.dtype | None) -> None:
     """FSDP2: each block is one unit (its weights all-gathered just before its forward and
     backward, gradients reduce-scattered after); the embeddings and the norm + head are units of
     their own; the root takes whatever is left (a tied embedding, used at both ends). Gradients
-    are reduced in fp32 whatever the compute dtype."""
+    are reduced in fp32 whatever the compute dtype. A pipeline stage shards the parts it holds."""
     check_shardable(model, dp_mesh.size())
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     shard = functools.partial(fully_shard, mesh=dp_mesh, mp_policy=policy)
-    if not model.config.tie_embeddings:
-        shard([m for m in (model.embed_tokens, model.pos_embed) if m is not None])
-    for block in blocks(model):
+    embeddings = [m for m in (model.embed_tokens, model.pos_embed) if m is not None]
+    if embeddings and not model.config.tie_embeddings:
+        shard(embeddings)
+    for block in (model.layers.values() if isinstance(model, StageModule) else blocks(model)):
         shard(block)
-    if not model.config.tie_embeddings:
+    if model.lm_head is not None:
         # kept unsharded after forward: backward needs it at once
         shard([model.norm, model.lm_head], reshard_after_forward=False)
     shard(model)
@@ -347,14 +369,17 @@ def _param_dtype(cfg: TrainConfig, device_type: str) -> torch.dtype | None:
 # ----------------------------------------------------------------------------- build and init
 
 def build_model(model_config: ModelConfig, cfg: TrainConfig, mesh: DeviceMesh | None,
-                device: torch.device) -> Transformer:
+                device: torch.device) -> Transformer | StageModule:
     """The model for this rank: built on the meta device, parallelised, materialised and
     initialised once, with the same weights as `Transformer.build(config, seed=cfg.seed)` (no
-    rank ever holds more than one full parameter at a time). mesh=None: that single build."""
+    rank ever holds more than one full parameter at a time). mesh=None: that single build.
+    With pp > 1, this rank's pipeline stage alone (build_stage)."""
     if mesh is None:
         return Transformer.build(model_config, device=device, seed=cfg.seed)
     with torch.device("meta"):
         model = Transformer(model_config)
+    if cfg.parallel.pp > 1:
+        return build_stage(model, cfg, mesh, device)
     parallelize(model, cfg, mesh)
     model.to_empty(device=device)
     if _tp_alone(cfg.parallel):  # hooks registered on meta parameters would not survive to_empty
@@ -365,11 +390,42 @@ def build_model(model_config: ModelConfig, cfg: TrainConfig, mesh: DeviceMesh | 
     return model
 
 
+def build_stage(model: Transformer, cfg: TrainConfig, mesh: DeviceMesh,
+                device: torch.device) -> StageModule:
+    """This rank's pipeline stage of the meta-device `model`, and nothing else materialised:
+      1. the block transforms (parallelize's 1-4) on the whole meta model;
+      2. the stage cut from it (its layers; the embeddings on the first stage, the norm and
+         head on the last), FSDP2 over this stage's dp sub-mesh when dp > 1;
+      3. the stage alone moved to `device` (to_empty); the other stages' modules stay meta;
+      4. the whole model's init_weights() under FullTensorInit(device): the same draws, in the
+         same order, as one process, the other stages' drawn into scratch and dropped, so the
+         stage's weights are exactly those of `Transformer.build(config, seed=cfg.seed)`."""
+    p = cfg.parallel
+    check_parallel(model.config, cfg, mesh.size())
+    transform_blocks(model, cfg, mesh)
+    stage = split_stage(model, p.pp, mesh["pp"].get_local_rank())
+    data_parallel(stage, cfg, mesh)
+    stage.to_empty(device=device)
+    torch.manual_seed(cfg.seed)
+    with FullTensorInit(device):
+        model.init_weights()
+    stage.init_buffers()
+    return stage
+
+
 class FullTensorInit(TorchFunctionMode):
     """While active, a torch.nn.init function called on a DTensor parameter fills the full
     tensor first (same shape, same generator, so the same draws as a single process) and keeps
     this rank's shard of it. Without it each rank would draw only its shard, from a generator
-    advanced differently than in a single process."""
+    advanced differently than in a single process.
+
+    device: where a parameter left on the meta device (another pipeline stage's) is drawn
+    instead, into a scratch tensor that is dropped: the generator then advances as in one
+    process, and the next parameter gets its single-process draws."""
+
+    def __init__(self, device: torch.device | None = None):
+        super().__init__()
+        self.device = device
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -377,6 +433,10 @@ class FullTensorInit(TorchFunctionMode):
             return func(*args, **kwargs)
         bound = inspect.signature(func).bind(*args, **kwargs)
         param = bound.arguments["tensor"]
+        if self.device is not None and param.device.type == "meta":
+            bound.arguments["tensor"] = torch.empty(param.shape, dtype=param.dtype, device=self.device)
+            func(*bound.args, **bound.kwargs)
+            return param
         if not isinstance(param, DTensor):
             return func(*args, **kwargs)
         full = torch.empty(param.shape, dtype=param.dtype, device=param.device)

@@ -15,9 +15,13 @@ mesh's "pp" dimension, run by torch.distributed.pipelining's GPipe or 1F1B sched
     mean per microbatch is not; see torchtitan issue #2318).
   * Gradient norm. Each stage holds other parameters, so the global norm (clipping, logging) is
     the square root of the sum of the stages' squared norms (Precision.step's stage_group).
+  * Data parallel inside a stage. With dp-shard / dp-replicate > 1 each stage is FSDP2-sharded
+    over its own dp sub-mesh (distributed.build_model) and each dp group reads its slice of the
+    step: the valid-token count is the global one, and the loss is scaled by dp, since FSDP2
+    averages the gradients over the dp ranks (as accumulate_gradients does).
 
 The model stays the single-device `Transformer`; tied embeddings (one weight on the first and
-the last stage) are refused.
+the last stage) are refused, and so is tensor parallelism inside a stage.
 """
 
 from __future__ import annotations
@@ -25,15 +29,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from lmstack.model.cache import causal_mask
-from lmstack.model.transformer import Transformer
+from lmstack.model.config import ModelConfig
+from lmstack.model.transformer import Transformer, rope_tables
 from lmstack.train.config import ParallelConfig
 from lmstack.train.optim import param_groups
+from lmstack.train.parallel import global_sum
 from lmstack.train.precision import Precision
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -52,6 +57,17 @@ def stage_layers(n_layers: int, num_stages: int, stage: int) -> range:
     size, extra = divmod(n_layers, num_stages)
     start = stage * size + min(stage, extra)
     return range(start, start + size + (stage < extra))
+
+
+def check_stages(config: ModelConfig, num_stages: int) -> None:
+    """Refuse a model that cannot be cut into `num_stages` (every rank, before any collective)."""
+    if num_stages == 1:
+        return
+    if config.tie_embeddings:
+        raise ValueError("--train.parallel.pp > 1 needs untied embeddings: a tied model's "
+                         "embedding and head are one weight, on the first and the last stage; "
+                         "set tie_embeddings=false or --train.parallel.pp=1")
+    stage_layers(config.n_layers, num_stages, 0)
 
 
 class StageModule(nn.Module):
@@ -88,6 +104,15 @@ class StageModule(nn.Module):
         names = {id(p): name for name, p in self.named_parameters()}
         return [position[names[id(p)]] for group in optimizer.param_groups for p in group["params"]]
 
+    def num_params(self) -> int:
+        """Parameters of this stage (its local shards under FSDP2 count whole)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def init_buffers(self) -> None:
+        """The rope tables, on the stage's device (a stage built on the meta device has none)."""
+        if self.config.pos == "rope":
+            self.rope_cos, self.rope_sin = rope_tables(self.config, device=self.rope_cos.device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[1]
         positions = torch.arange(T, device=x.device)
@@ -116,10 +141,7 @@ class StageModule(nn.Module):
 def split_stage(model: Transformer, num_stages: int, stage: int) -> StageModule:
     """Stage `stage` of `num_stages` of `model` (ValueError, naming the flag, when it can't be cut)."""
     cfg = model.config
-    if cfg.tie_embeddings and num_stages > 1:
-        raise ValueError("--train.parallel.pp > 1 needs untied embeddings: a tied model's "
-                         "embedding and head are one weight, on the first and the last stage; "
-                         "set tie_embeddings=false or --train.parallel.pp=1")
+    check_stages(cfg, num_stages)
     layers = stage_layers(cfg.n_layers, num_stages, stage)
     return StageModule(model, layers, is_first=stage == 0, is_last=stage == num_stages - 1)
 
@@ -131,18 +153,25 @@ class Pipeline:
         loss, valid = pipeline.step(micro_batches, precision)  # forward + backward, into .grad
         # then: clip with the norm over pipeline.group, optimizer step on pipeline.module
 
-    model is the full Transformer (this rank keeps its stage: mesh["pp"]'s local rank) or
-    that stage already cut. Pipeline stages do not combine with data or tensor parallelism
-    yet: every other mesh degree must be 1.
+    model is this rank's stage as distributed.build_model makes it (FSDP2-sharded over the dp
+    sub-mesh when dp > 1), or with dp = 1 the full Transformer, of which this rank keeps its
+    stage (mesh["pp"]'s local rank). Tensor parallelism inside a stage is refused.
     """
 
     def __init__(self, model: Transformer | StageModule, mesh: DeviceMesh, cfg: ParallelConfig,
                  token_loss: TokenLoss, ignore_index: int):
-        if cfg.dp > 1 or cfg.tp > 1:
-            raise ValueError(f"--train.parallel.pp={cfg.pp} with dp-replicate={cfg.dp_replicate}, "
-                             f"dp-shard={cfg.dp_shard}, tp={cfg.tp}: pipeline stages do not "
-                             "combine with data or tensor parallelism yet; set those to 1")
+        if cfg.tp > 1:
+            raise ValueError(f"--train.parallel.pp={cfg.pp} with tp={cfg.tp}: pipeline stages "
+                             "combine with dp-shard and dp-replicate, not with tensor parallelism "
+                             "yet; set --train.parallel.tp=1")
+        if cfg.dp > 1 and not isinstance(model, StageModule):
+            raise ValueError(f"--train.parallel.pp={cfg.pp} with dp={cfg.dp}: pass the stage "
+                             "distributed.build_model builds (sharded over the dp ranks), not a "
+                             "whole Transformer")
         self.group = mesh["pp"].get_group()
+        # a world sum of per-rank values counts each dp slice once per rank reading its rows:
+        # pp x tp times from every rank, tp times from the last stage's ranks alone
+        self.dp, self.tp, self.copies = cfg.dp, cfg.tp, cfg.pp * cfg.tp
         index, num_stages = mesh["pp"].get_local_rank(), cfg.pp
         self.module = model if isinstance(model, StageModule) else split_stage(model, num_stages, index)
         self.microbatches = cfg.pp_microbatches
@@ -163,16 +192,20 @@ class Pipeline:
         this stage's parameters; returns (mean token loss, valid tokens), as
         accumulate_gradients does (the same numbers on every rank)."""
         inputs, targets = self._padded(micro_batches)
-        valid = (targets != self.ignore_index).sum().clamp(min=1)
-        self._scale = 1 / valid  # an all-masked step gives zero gradients, not NaN
+        # the valid targets of the whole step, over every dp slice
+        valid = global_sum((targets != self.ignore_index).sum()) // self.copies
+        # x dp: FSDP2 averages the gradients over the dp ranks; an all-masked step gives zero
+        # gradients, not NaN
+        self._scale = self.dp / valid.clamp(min=1)
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.is_first else ()
         with precision.autocast():
             self.schedule.step(*args, target=targets, losses=losses, return_outputs=False)
-        # each loss is already divided by the step's valid count; known on the last stage only,
-        # the mean is sent to every stage, so that all log and return the same number
+        # each loss is already scaled by dp / the step's valid count; known on the last stages
+        # only (one per dp slice), their sum over dp is sent to every rank, so that all log and
+        # return the same number
         mean = torch.stack(losses).sum().detach() if self.is_last else torch.zeros((), device=self.device)
-        dist.all_reduce(mean, group=self.group)
+        mean = global_sum(mean) / (self.dp * self.tp)
         return mean.item(), int(valid.item())
 
     @torch.no_grad()
@@ -193,8 +226,9 @@ class Pipeline:
                                    return_outputs=False)
             if self.is_last:
                 total += torch.stack(losses).sum().float()
-        dist.all_reduce(total, group=self.group)
-        valid = (targets != self.ignore_index).sum().to(self.device)
+        # world sums: the loss from the last stage of each slice, the count from every rank of it
+        total = global_sum(total) / self.tp
+        valid = global_sum((targets != self.ignore_index).sum().to(self.device)) // self.copies
         return (total / valid.clamp(min=1)).item()
 
     def _padded(self, micro_batches: Sequence[Batch], rows: int | None = None) -> Batch:

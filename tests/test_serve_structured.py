@@ -169,11 +169,98 @@ def test_required_tool_choice_picks_one_of_the_tools(srv):
     for choice in r.choices:
         (call,) = choice.message.tool_calls
         jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
-    chunks = list(c.chat.completions.create(model=NAME, messages=MSG, max_tokens=120, seed=1,
-                                            tools=TOOLS, tool_choice="required", stream=True))
-    calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
-    assert len(calls) == 1 and calls[0].function.name in schemas
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        assert choice.finish_reason == "tool_calls"
+
+
+def streamed_call(c, **kw):
+    """(the tool-call deltas in order, the last chunk's finish_reason) of one streamed choice."""
+    chunks = list(c.chat.completions.create(model=NAME, messages=MSG, max_tokens=120,
+                                            tools=TOOLS, stream=True, **kw))
+    assert all(len(ch.choices) == 1 for ch in chunks)
+    deltas = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert all(not ch.choices[0].delta.content for ch in chunks)
+    return deltas, chunks[-1].choices[0].finish_reason
+
+
+@pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "get_weather"}},
+                                    "required"])
+def test_streamed_tool_call_arrives_in_openai_increments(srv, choice):
+    c = srv.client()
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    names = set()
+    for seed in range(3):
+        whole = c.chat.completions.create(model=NAME, messages=MSG, max_tokens=120, seed=seed,
+                                          tools=TOOLS, tool_choice=choice)
+        (call,) = whole.choices[0].message.tool_calls
+        deltas, finish = streamed_call(c, seed=seed, tool_choice=choice)
+        head, rest = deltas[0], deltas[1:]
+        assert head.index == 0 and head.type == "function" and head.id.startswith("call_")
+        assert head.function.name == call.function.name and head.function.arguments == ""
+        assert len(rest) > 1  # the arguments come in pieces, as they are generated
+        assert all(d.index == 0 and d.id is None and d.function.name is None for d in rest)
+        arguments = "".join(d.function.arguments for d in rest)
+        assert arguments == call.function.arguments and finish == "tool_calls"
+        jsonschema.validate(json.loads(arguments), schemas[head.function.name])
+        names.add(head.function.name)
+    assert names <= set(schemas)
+
+
+def brace_bias(tok, value: float) -> dict[str, float]:
+    """logit_bias on every token whose text starts with "{" (what opens a call)."""
+    return {str(i): value for i in range(tok.vocab_size) if tok.decode([i]).startswith("{")}
+
+
+def assert_call_or_text(choice, schemas):
+    calls = choice.message.tool_calls
+    if choice.finish_reason == "tool_calls":
+        (call,) = calls
+        assert choice.message.content is None
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        return "call"
+    assert not calls and not choice.message.content.startswith("{")
+    return "text"
+
+
+@pytest.mark.parametrize("auto", [{"tool_choice": "auto"}, {}])  # auto is the default with tools
+def test_auto_tool_choice_is_a_valid_call_or_text(srv, model_tok, auto):
+    c = srv.client()
+    _, tok = model_tok
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    kinds = []
+    for seed in range(3):
+        r = c.chat.completions.create(model=NAME, messages=MSG, max_tokens=60, seed=seed, n=4,
+                                      tools=TOOLS, **auto)
+        kinds += [assert_call_or_text(ch, schemas) for ch in r.choices if ch.finish_reason != "length"]
+    called = c.chat.completions.create(model=NAME, messages=MSG, max_tokens=120, seed=0, n=3,
+                                       tools=TOOLS, logit_bias=brace_bias(tok, 100), **auto)
+    assert {assert_call_or_text(ch, schemas) for ch in called.choices} == {"call"}
+    answered = c.chat.completions.create(model=NAME, messages=MSG, max_tokens=20, seed=0,
+                                         tools=TOOLS, logit_bias=brace_bias(tok, 100),
+                                         tool_choice="none")
+    assert answered.choices[0].message.content.startswith("{")  # none: text, never parsed
+    assert not answered.choices[0].message.tool_calls
+    assert answered.choices[0].finish_reason in ("stop", "length")
+    assert kinds  # the unbiased runs were checked too
+
+
+def test_auto_tool_choice_streams_a_call_or_content(srv, model_tok):
+    c = srv.client()
+    _, tok = model_tok
+    for bias in (100, -100):
+        args = dict(model=NAME, messages=MSG, max_tokens=40, seed=2, tools=TOOLS,
+                    tool_choice="auto", logit_bias=brace_bias(tok, bias))
+        whole = c.chat.completions.create(**args).choices[0]
+        chunks = list(c.chat.completions.create(**args, stream=True))
+        deltas = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+        content = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+        assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+        if bias > 0:
+            (call,) = whole.message.tool_calls
+            assert deltas[0].function.name == call.function.name and not content
+            assert "".join(d.function.arguments for d in deltas) == call.function.arguments
+        else:
+            assert content == whole.message.content and not deltas
+            assert not content.startswith("{")
 
 
 def test_unknown_tool_is_a_400(srv):

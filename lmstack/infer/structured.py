@@ -1,4 +1,4 @@
-"""Structured outputs: grammars (JSON schemas) that decide which tokens may come next.
+"""Structured outputs: grammars (JSON schemas, tool calls) that decide which tokens may come next.
 
 `GrammarCompiler` compiles a grammar once against the tokenizer (llguidance, on CPU) and keeps
 the compiled matcher, in its initial state, in a cache keyed by the grammar's text; each request
@@ -22,6 +22,13 @@ import torch
 # Compact JSON: no whitespace between tokens (a model that may emit whitespace forever is a
 # model that may never finish the object); every keyword llguidance cannot enforce is an error.
 JSON_OPTIONS = {"whitespace_flexible": False, "lenient": False}
+
+
+def tool_call_head(name: str) -> str:
+    """What a tool call's text starts with: {"name":NAME,"arguments": (the arguments follow,
+    then the closing brace). One fixed, compact form, so a stream can tell the name is complete
+    and pass the arguments on as they are generated."""
+    return '{"name":' + json.dumps(name) + ',"arguments":'
 
 
 class Constraint(Protocol):
@@ -84,6 +91,23 @@ class GrammarCompiler:
         if schema is None:
             schema = {"type": "object"}
         return LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
+
+    @staticmethod
+    def tool_calls(tools: dict[str, dict], text: bool = False) -> str:
+        """The grammar of one call of one of `tools` (name -> parameters schema), in the form of
+        tool_call_head; text=True: or else free text that does not start with "{" (a model
+        that may answer or call, OpenAI's tool_choice "auto"), possibly empty."""
+        from llguidance import LLMatcher
+
+        rules = []
+        for i, (name, schema) in enumerate(tools.items()):
+            schema = {**schema, "x-guidance": JSON_OPTIONS}
+            rules += [f'call_{i}: {json.dumps(tool_call_head(name))} args_{i} "}}"',
+                      f"args_{i}: %json {json.dumps(schema)}"]
+        calls = " | ".join(f"call_{i}" for i in range(len(tools)))
+        start = f"start: {calls} | TEXT?" if text else f"start: {calls}"
+        lark = "\n".join([start, *rules] + ([r"TEXT: /[^{](.|\n)*/"] if text else []))
+        return LLMatcher.grammar_from_lark(lark)
 
     def constraint(self, grammar: str) -> GrammarConstraint:
         """A fresh constraint for one request; ValueError (llguidance's message, e.g. naming an

@@ -305,6 +305,7 @@ async def _events(job: Job, engine: Engine, sink: asyncio.Queue,
             for k in range(job.num_choices):
                 yield R.sse({**R.chat_chunk(job, None, tok, k, role=True), **extra})
         echoed: set[int] = set()
+        calls = {k: R.ToolCallStream(job) for k in range(job.num_choices)} if job.tool else None
         while len(finals) < len(ids):
             try:
                 outs = await _next(sink, index)
@@ -315,7 +316,8 @@ async def _events(job: Job, engine: Engine, sink: asyncio.Queue,
             for d in R.merge(outs):
                 if d.out.finished:
                     finals[d.index] = d.out
-                yield R.sse({**_chunk(job, d, tok, echoed), **extra})
+                for chunk in _chunks(job, d, tok, echoed, calls):
+                    yield R.sse({**chunk, **extra})
         if job.include_usage:
             yield R.sse(R.usage_chunk(job, finals))
         yield R.sse("[DONE]")
@@ -323,11 +325,14 @@ async def _events(job: Job, engine: Engine, sink: asyncio.Queue,
         engine.loop.abort([r for r in ids if index[r] not in finals])
 
 
-def _chunk(job: Job, d: R.Delta, tok, echoed: set[int]) -> dict:
+def _chunks(job: Job, d: R.Delta, tok, echoed: set[int],
+            calls: dict[int, R.ToolCallStream] | None) -> list[dict]:
+    if calls is not None:
+        return R.chat_chunks(job, d, tok, calls[d.index].deltas(d))
     if job.kind == "chat.completion":
-        return R.chat_chunk(job, d, tok)
+        return [R.chat_chunk(job, d, tok)]
     prefix = ""
     if job.echo and d.index not in echoed:
         echoed.add(d.index)
         prefix = job.echo[d.index // job.n]
-    return R.completion_chunk(job, d, tok, prefix)
+    return [R.completion_chunk(job, d, tok, prefix)]

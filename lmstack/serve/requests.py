@@ -5,9 +5,9 @@ APIError (400 unless said otherwise) naming the field to change.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lmstack.infer import SamplingParams, TokenLogprob
@@ -18,10 +18,14 @@ from lmstack.serve.protocol import ChatMessage, ChatRequest, CompletionRequest, 
 
 @dataclass
 class ToolMode:
-    """A constrained tool call: the output is `name`'s arguments, or (required, name None) an
-    object {"name", "arguments"} naming one of the tools."""
+    """How a chat output is read as a tool call. A named tool_choice: the output is `name`'s
+    arguments. Otherwise the output is a call in structured.tool_call_head's form,
+    {"name":N,"arguments":A} for N in `names` ("required"), or (auto) either that or free text
+    that does not start with "{"."""
 
     name: str | None
+    names: list[str] = field(default_factory=list)
+    auto: bool = False
 
 
 @dataclass
@@ -193,49 +197,73 @@ def _with_format(job: Job, req: Sampling) -> Job:
             raise APIError(400, "response_format json_schema needs its json_schema object",
                            "response_format.json_schema")
         schema = fmt.json_schema.schema_ or {}
-    job.grammar, job.grammar_param = _grammar(GrammarCompiler.json_schema, schema), "response_format"
+    job.grammar = _grammar(lambda: GrammarCompiler.json_schema(schema), "response_format")
+    job.grammar_param = "response_format"
     return job
 
 
 def _with_tools(job: Job, req: ChatRequest) -> Job:
+    """tool_choice none: tools only reach the chat template; auto (the default with tools): a
+    call or text; required: a call of one of the tools; named: that tool's arguments."""
     choice = req.tool_choice
-    if choice is None or choice in ("none", "auto") or not req.tools:
+    if not req.tools:
         if choice == "required" or (choice is not None and not isinstance(choice, str)):
             raise APIError(400, "tool_choice names a tool but tools is empty", "tools")
         return job
+    if choice == "none" or (choice in (None, "auto") and job.grammar is not None):
+        return job  # response_format shapes the answer; the model is not offered a call
     if job.grammar is not None:
-        raise APIError(400, "give response_format or a forced tool_choice, not both", "tool_choice")
+        raise APIError(400, "give response_format or a required or named tool_choice, not both",
+                       "tool_choice")
     from lmstack.infer.structured import GrammarCompiler
 
     tools = {t.function.name: t.function.parameters or {"type": "object"} for t in req.tools}
-    if choice == "required":
-        schema = {"anyOf": [_call_schema(name, p) for name, p in tools.items()]}
-        job.tool = ToolMode(None)
+    if isinstance(choice, str) or choice is None:
+        auto = choice != "required"
+        job.tool = ToolMode(None, list(tools), auto)
+        job.grammar = _grammar(lambda: GrammarCompiler.tool_calls(tools, text=auto), "tools")
     else:
         name = choice.function.name
         if name not in tools:
             raise APIError(400, f"tool_choice names {name!r}, not one of the tools {sorted(tools)}",
                            "tool_choice")
-        schema, job.tool = tools[name], ToolMode(name)
-    job.grammar, job.grammar_param = _grammar(GrammarCompiler.json_schema, schema), "tools"
+        job.tool = ToolMode(name)
+        job.grammar = _grammar(lambda: GrammarCompiler.json_schema(tools[name]), "tools")
+    job.grammar_param = "tools"
     return job
 
 
-def _call_schema(name: str, parameters: dict) -> dict:
-    return {"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
-            "required": ["name", "arguments"], "additionalProperties": False}
-
-
-def _grammar(compile_schema, schema: dict) -> str:
+def _grammar(build: Callable[[], str], param: str) -> str:
     try:
-        return compile_schema(schema)
+        return build()
     except (ValueError, TypeError) as e:
-        raise APIError(400, f"the schema is not valid JSON Schema: {e}", "response_format") from None
+        raise APIError(400, f"the schema is not valid JSON Schema: {e}", param) from None
 
 
-def parse_tool_call(tool: ToolMode, text: str) -> tuple[str, str]:
-    """(function name, arguments JSON) from a finished constrained output."""
+def call_so_far(tool: ToolMode, text: str) -> tuple[str, str] | None:
+    """(name, the arguments' text so far) of a constrained output once it is a call whose name
+    is complete; None before that, and for auto's text answers. In the {"name","arguments"}
+    form the text so far ends with the wrapper's closing brace once the call is complete."""
+    from lmstack.infer.structured import tool_call_head
+
     if tool.name is not None:
         return tool.name, text
-    call = json.loads(text)
-    return call["name"], json.dumps(call["arguments"])
+    for name in tool.names:
+        head = tool_call_head(name)
+        if text.startswith(head):
+            return name, text[len(head):]
+    return None
+
+
+def is_text_answer(tool: ToolMode, text: str) -> bool:
+    """auto: the model answered in text (its first character is not a call's "{")."""
+    return tool.auto and text[:1] not in ("", "{")
+
+
+def parse_tool_call(tool: ToolMode, text: str) -> tuple[str, str] | None:
+    """(function name, arguments JSON) of a finished constrained output; None if it is text."""
+    found = call_so_far(tool, text)
+    if found is None:
+        return None
+    name, arguments = found
+    return name, arguments if tool.name is not None else arguments.removesuffix("}")

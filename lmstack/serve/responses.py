@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 from lmstack.infer import RequestOutput, TokenLogprob
-from lmstack.serve.requests import Job, parse_tool_call
+from lmstack.serve.requests import Job, call_so_far, is_text_answer, parse_tool_call
 
 
 @dataclass
@@ -58,9 +58,15 @@ def _head(job: Job, obj: str) -> dict:
 def _finish_reason(job: Job, out: RequestOutput) -> str | None:
     if not out.finished:
         return None
-    if job.tool is not None and out.finish_reason == "stop":
+    if _is_call(job, out):
         return "tool_calls"
     return out.finish_reason
+
+
+def _is_call(job: Job, out: RequestOutput) -> bool:
+    """A finished output that is a complete tool call."""
+    return (job.tool is not None and out.finish_reason == "stop"
+            and parse_tool_call(job.tool, out.text) is not None)
 
 
 # ----------------------------------------------------------------------------- completions
@@ -128,38 +134,75 @@ def chat_body(job: Job, finals: dict[int, RequestOutput], tokenizer) -> dict:
 
 
 def _message(job: Job, out: RequestOutput) -> dict:
-    if job.tool is None or out.finish_reason != "stop":
+    if not _is_call(job, out):
         return {"role": "assistant", "content": out.text, "refusal": None}
-    return {"role": "assistant", "content": None, "refusal": None,
-            "tool_calls": [_tool_call(job, out.text)]}
+    name, arguments = parse_tool_call(job.tool, out.text)
+    call = {"id": _call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+    return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
 
 
-def _tool_call(job: Job, text: str, index: int | None = None) -> dict:
-    name, arguments = parse_tool_call(job.tool, text)
-    call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": arguments}}
-    return call if index is None else {"index": index, **call}
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class ToolCallStream:
+    """One streamed choice of a tool-call request, in OpenAI's increments: the call's head
+    (index, id, type, name, arguments "") once the name is complete, then chunks of the
+    arguments' characters as they are generated. In the {"name","arguments"} form the last
+    character is held back until the next one comes (it may be the wrapper's closing brace).
+    auto's text answers stream as content; an output cut before its name is complete ends
+    with its text as content."""
+
+    def __init__(self, job: Job):
+        self.tool = job.tool
+        self.sent = 0  # characters of the arguments sent
+        self.head_sent = False
+
+    def deltas(self, d: Delta) -> list[dict]:
+        out = d.out
+        found = call_so_far(self.tool, out.text)
+        if found is None:
+            if is_text_answer(self.tool, out.text):
+                return [{"content": d.text}]
+            return [{"content": out.text}] if out.finished else []
+        name, arguments = found
+        hold = self.tool.name is None and not (out.finished and out.finish_reason == "length")
+        end = len(arguments) - hold
+        piece, self.sent = arguments[self.sent:end], max(self.sent, end)
+        deltas = []
+        if not self.head_sent:
+            self.head_sent = True
+            deltas.append({"tool_calls": [{"index": 0, "id": _call_id(), "type": "function",
+                                           "function": {"name": name, "arguments": ""}}]})
+        if piece:
+            deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+        return deltas
 
 
 def chat_chunk(job: Job, d: Delta | None, tokenizer, index: int = 0, role: bool = False) -> dict:
-    """A content chunk for Delta d, or (role=True) the first chunk of choice `index`."""
+    """The first chunk of choice `index` (role=True), or a content chunk for Delta d."""
     if role:
         choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None}
         return {**_head(job, "chat.completion.chunk"), "choices": [choice]}
-    delta: dict = {"content": d.text}
-    if job.tool is not None:  # the arguments go out whole, in the chunk that finishes the call
-        delta = {}
-        if d.out.finished and d.out.finish_reason == "stop":
-            delta = {"tool_calls": [_tool_call(job, d.out.text, 0)]}
-        elif d.out.finished:
-            delta = {"content": d.out.text}
+    return chat_chunks(job, d, tokenizer, [{"content": d.text}])[0]
+
+
+def chat_chunks(job: Job, d: Delta, tokenizer, deltas: list[dict]) -> list[dict]:
+    """Chunks for Delta d carrying `deltas` in turn; the last one has the logprobs and the
+    finish reason. No chunk when there is nothing to say."""
     lp = None
     if job.logprobs is not None and d.num_tokens:
         lp = {"content": _chat_logprobs(d.logprobs, tokenizer)}
-    choice = {"index": d.index, "delta": delta, "logprobs": lp,
-              "finish_reason": _finish_reason(job, d.out)}
-    return {**_head(job, "chat.completion.chunk"), "choices": [choice]}
+    if not deltas and (lp is not None or d.out.finished):
+        deltas = [{}]
+    chunks = []
+    for i, delta in enumerate(deltas):
+        last = i == len(deltas) - 1
+        choice = {"index": d.index, "delta": delta, "logprobs": lp if last else None,
+                  "finish_reason": _finish_reason(job, d.out) if last else None}
+        chunks.append({**_head(job, "chat.completion.chunk"), "choices": [choice]})
+    return chunks
 
 
 def _chat_logprobs(lps: list[TokenLogprob] | None, tokenizer) -> list[dict]:

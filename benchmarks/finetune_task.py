@@ -1,22 +1,23 @@
 """A synthetic chat task that shows fine-tuning learn: small sums as user/assistant turns.
 
     python benchmarks/finetune_task.py --threads 1             # LoRA, then QLoRA, demo-sized base
-    python benchmarks/finetune_task.py --preset tiny-llama --pretrain-steps 300 --threads 1
+    python benchmarks/finetune_task.py --preset tiny-llama --high 9 --pretrain-steps 300 --lr 1e-2 --max-steps 150 --threads 1
     python benchmarks/finetune_task.py --base runs/demo/hf     # over another HF model + tokenizer
 
 On CPU cores shared with other processes, --threads 1 runs faster than several spinning threads.
 
-The user asks "7+8=", the assistant answers "15" (a, b in 0..--high). Held-out conversations use
+The user asks "7+18=", the assistant answers "25" (a, b in 0..--high). Held-out conversations use
 (a, b) pairs the fine-tuning data lacks. Held-out exact match is measured by greedy decoding up to the end-of-turn
 token, before and after fine-tuning through `lmstack.train`'s loop with packed SFT batches
 (assistant tokens only in the loss). QLoRA also reports the bytes of its NF4 base weights against
 the same weights in bf16.
 
 Without --base the base is the demo's model shape (llama-10m; --preset for another) over a
-tokenizer trained on the task's text, pretrained for --pretrain-s seconds on plain-text sums
+tokenizer trained on the task's text, pretrained for --pretrain-steps steps on plain-text sums
 ("7+8=15" lines, every pair, no chat markup): it learns the sums but not the chat format, so
-before fine-tuning it does not answer a chat prompt. Fine-tuning teaches the format (and the stop at the end of turn) from the
-training pairs' conversations. Prints one table row per method.
+before fine-tuning it does not answer a chat prompt. Fine-tuning teaches the format (and the stop at
+the end of turn) from the training pairs' conversations. Prints one table row per method, with the
+fine-tuning's CPU time (process time: every thread's, so --threads 1 makes it the core-seconds).
 """
 
 from __future__ import annotations
@@ -135,10 +136,10 @@ def finetune(model: Transformer, tokenizer: Tokenizer, data: Path, method: str, 
                          pad_id=tokenizer.pad_id or 0)
     cfg = train_config(args.max_time_s, args.max_steps, args.lr, args.batch_size, args.seq_len,
                        args.seed)  # fp32: NF4 bases compute in bf16 themselves
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = train(model, batches, cfg)
     out = {"steps": result.step, "minutes": (time.perf_counter() - start) / 60,
-           "loss": result.losses[-1]}
+           "cpu_minutes": (time.process_time() - cpu) / 60, "loss": result.losses[-1]}
     if method == "qlora":
         nf4, bf16 = base_weight_bytes(model)
         out["base_bytes_ratio"] = nf4 / bf16
@@ -150,8 +151,8 @@ def pretrain(model: Transformer, tokenizer: Tokenizer, pairs: list[tuple[int, in
     ids = [tokenizer.encode(line) for line in plain_lines(pairs)]
     examples = [Example(t[:-1], t[1:]) for t in ids]
     batches = SFTBatches(examples, args.batch_size, args.seq_len, seed=args.seed + 1)
-    seconds = None if args.pretrain_steps else args.pretrain_s
-    train(model, batches, train_config(seconds, args.pretrain_steps, args.lr, args.batch_size,
+    steps = None if args.pretrain_s else args.pretrain_steps
+    train(model, batches, train_config(args.pretrain_s, steps, args.lr, args.batch_size,
                                        args.seq_len, args.seed))
 
 
@@ -161,17 +162,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--methods", nargs="*", default=["lora", "qlora"], choices=["lora", "qlora"])
     p.add_argument("--max-time-s", type=float, default=300.0,
                    help="most fine-tuning seconds per method")
-    p.add_argument("--max-steps", type=int, default=150,
-                   help="fine-tuning steps per method (80 conversations: more steps overfit them)")
-    p.add_argument("--pretrain-s", type=float, default=600.0,
-                   help="without --base: seconds of plain-text pretraining of the base")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="steps instead of seconds")
+    p.add_argument("--max-steps", type=int, default=300, help="fine-tuning steps per method")
+    p.add_argument("--pretrain-steps", type=int, default=1500,
+                   help="without --base: steps of plain-text pretraining of the base")
+    p.add_argument("--pretrain-s", type=float, default=None,
+                   help="seconds of pretraining instead of steps")
     p.add_argument("--preset", default="llama-10m", help="without --base: the base's shape")
-    p.add_argument("--high", type=int, default=9, help="sums of a, b in 0..HIGH")
-    p.add_argument("--n-test", type=int, default=20)
+    p.add_argument("--high", type=int, default=19, help="sums of a, b in 0..HIGH")
+    p.add_argument("--n-test", type=int, default=40, help="held-out (a, b) pairs")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=3e-3, help="pretraining's and fine-tuning's")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -213,12 +214,12 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| method | held-out exact match before | after | steps | minutes | base bytes / bf16 |")
-    print("|---|---|---|---|---|---|")
+    print("| method | held-out exact match before | after | steps | CPU minutes | minutes | base bytes / bf16 |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r.get("base_bytes_ratio", math.nan)
         print(f"| {r['method']} | {r['before']:.1%} | {r['after']:.1%} | {r['steps']} | "
-              f"{r['minutes']:.2f} | {'-' if math.isnan(ratio) else f'{ratio:.3f}'} |")
+              f"{r['cpu_minutes']:.2f} | {r['minutes']:.2f} | {'-' if math.isnan(ratio) else f'{ratio:.3f}'} |")
 
 
 if __name__ == "__main__":

@@ -531,9 +531,9 @@ def test_finetune_command_qlora_and_bad_flags(cli_base, tmp_path, capsys):
 def test_lora_sft_learns_the_synthetic_chat_task(tmp_path):
     """A reduced benchmarks/finetune_task.py: a tiny base, fixed step counts, a lower bar."""
     task = _task()
-    args = task.parse_args(["--preset", "tiny-llama", "--methods", "lora", "qlora",
+    args = task.parse_args(["--preset", "tiny-llama", "--methods", "lora", "qlora", "--high", "9",
                             "--pretrain-steps", "300", "--max-steps", "150", "--n-test", "40",
-                            "--out", str(tmp_path)])
+                            "--lr", "1e-2", "--out", str(tmp_path)])
     args.pretrain_s = args.max_time_s = None
     rows = {r["method"]: r for r in task.run(args)}
     print(rows)

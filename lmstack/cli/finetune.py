@@ -183,7 +183,7 @@ def adapt(model: torch.nn.Module, method: str, lora: LoRAConfig) -> None:
         return
     apply_lora(model, lora.targets, lora.r, lora.alpha, lora.dropout, lora.rslora)
     if method == "qlora":
-        quantize_nf4(model)
+        quantize_nf4(model, double_quant=lora.double_quant)
 
 
 def check_same_base(checkpoint: Path, base: dict) -> None:
@@ -226,7 +226,8 @@ def export(model: torch.nn.Module, args: FinetuneArgs, base_dir: Path, tokenizer
         return
     if adapters is not None:
         save_adapter(model, out / "adapter", base_name_or_path=str(base_dir),
-                     quantized_base="nf4" if args.method == "qlora" else None, state=adapters)
+                     quantized_base="nf4" if args.method == "qlora" else None, state=adapters,
+                     double_quant=args.lora.double_quant)
     if mesh is None:
         remove_lora(model)  # merged (into the dequantized weights, for QLoRA)
         dequantize_nf4(model)

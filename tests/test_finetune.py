@@ -2,6 +2,7 @@
 merging, PEFT interop both ways, the loop's LoRA checkpoints and exact resume, bad inputs, the
 CLI, and a reduced run of the synthetic task (benchmarks/finetune_task.py)."""
 
+import copy
 import importlib.util
 import json
 import sys
@@ -22,7 +23,9 @@ from lmstack.data.sft import (
     render,
 )
 from lmstack.finetune import (
+    AbsmaxNF4Linear,
     LoRALinear,
+    NF4Linear,
     apply_lora,
     base_weight_bytes,
     load_adapter,
@@ -32,6 +35,7 @@ from lmstack.finetune import (
     remove_lora,
     save_adapter,
     unmerge_lora,
+    use_adapter,
 )
 from lmstack.kernels import CPU_PACKED, FUSED, swap_linears
 from lmstack.model import ModelConfig, Transformer
@@ -271,6 +275,78 @@ def test_an_adapter_for_another_base_names_the_shape_mismatch(tok, tmp_path):
         load_adapter(wider, tmp_path / "adapter")
 
 
+def tiny_gpt2(tok, seed: int = 0) -> Transformer:
+    model = Transformer.build(ModelConfig.from_preset("tiny-gpt2", vocab_size=tok.vocab_size), seed=seed)
+    with torch.no_grad():  # biases and norms away from their init so that a mix-up shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_our_gpt2_adapter_on_separate_qkv_loads_in_peft_as_c_attn(tok, tmp_path, rslora):
+    """q and v adapted, k not: c_attn gets rank 2r (A_q; A_v) with a block-diagonal B whose k
+    rows are zero; o_proj is adapted and mlp.c_proj is not, so target_modules are full paths."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    model = tiny_gpt2(tok)
+    save_hf(model, tmp_path / "base")
+    apply_lora(model, ["q_proj", "v_proj", "o_proj", "up_proj"], r=4, alpha=8, rslora=rslora)
+    randomize_lora_(model)
+    save_adapter(model, tmp_path / "adapter", base_name_or_path=str(tmp_path / "base"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["fan_in_fan_out"]
+    assert config["lora_alpha"] == pytest.approx(8 * (2 ** 0.5 if rslora else 2))
+    assert "transformer.h.0.attn.c_proj" in config["target_modules"]
+    keys = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    b = keys["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    assert b.shape == (3 * 64, 8) and not b[64:128].any()
+    assert keys["base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"][4:].abs().sum() == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    x = tokens(tok)
+    plain = _hf_logits(hf, x)
+    theirs = _hf_logits(peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval(), x)
+    with torch.no_grad():
+        ours = model(x)
+    print(f"PEFT vs lmstack GPT-2 adapter (rslora={rslora}): max |logits diff| = "
+          f"{(theirs - ours).abs().max():.2e}")
+    assert (theirs - plain).abs().max() > 1e-2
+    assert (theirs - ours).abs().max() <= 1e-4
+    again = tiny_gpt2(tok)  # and back: q, k, v of rank 2r each, the same logits
+    load_adapter(again, tmp_path / "adapter")
+    with torch.no_grad():
+        assert (again(x) - ours).abs().max() <= 1e-5
+
+
+def test_a_peft_written_gpt2_c_attn_adapter_loads_with_the_same_logits(tok, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from lmstack.model import load_hf
+    save_hf(tiny_gpt2(tok), tmp_path / "base")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"],
+                             lora_dropout=0.0, task_type="CAUSAL_LM")
+    wrapped = peft.get_peft_model(hf, config)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    x = tokens(tok)
+    theirs = _hf_logits(wrapped.eval(), x)
+    ours_model = load_hf(tmp_path / "base")
+    names = load_adapter(ours_model, tmp_path / "adapter")
+    assert len(names) == 2 * 6  # q, k, v (from c_attn), o, up, down per block
+    with torch.no_grad():
+        ours = ours_model(x)
+        plain = load_hf(tmp_path / "base")(x)
+    print(f"lmstack vs PEFT-written GPT-2 adapter: max |logits diff| = {(theirs - ours).abs().max():.2e}")
+    assert (ours - plain).abs().max() > 1e-2
+    assert (theirs - ours).abs().max() <= 1e-4
+
+
 # ----------------------------------------------------------------------------- SFT data
 
 def test_two_turn_conversation_targets_exactly_the_assistant_tokens(tok):
@@ -445,6 +521,80 @@ def test_qlora_trains_over_nf4_and_merges_into_the_dequantized_weight(tok, tmp_p
     assert torch.equal(load_hf(tmp_path / "hf").layers[0].self_attn.q_proj.weight, expect)
 
 
+def test_exact_scales_are_no_worse_than_double_quantized_ones_and_both_are_4_bit(tok):
+    pytest.importorskip("torchao")
+    linear = torch.nn.Linear(256, 512)
+    errors, ratios = {}, {}
+    for double_quant in (True, False):
+        nf4 = NF4Linear.from_linear(linear, double_quant=double_quant)
+        errors[double_quant] = (nf4.dequantize().float() - linear.weight).abs().mean().item()
+        model = tiny(tok)
+        quantize_nf4(model, double_quant=double_quant)
+        nbytes, bf16 = base_weight_bytes(model)
+        ratios[double_quant] = nbytes / bf16
+    print(f"NF4 mean |error| double_quant on {errors[True]:.4e}, off {errors[False]:.4e}; "
+          f"bytes / bf16 on {ratios[True]:.4f}, off {ratios[False]:.4f}")
+    assert errors[False] <= errors[True] < 0.2 * linear.weight.abs().mean().item()
+    assert ratios[True] < ratios[False] <= 0.3
+    exact = NF4Linear.from_linear(linear, double_quant=False)
+    blocks = linear.weight.detach().to(torch.bfloat16).view(512, 4, 64)
+    assert torch.equal(exact.absmax, blocks.abs().amax(-1))  # the scales are kept exactly
+    assert exact.qweight.dtype == torch.uint8 and exact.qweight.shape == (512, 128)
+
+
+def test_qlora_over_exact_scales_trains_merges_and_reloads(tok, tmp_path):
+    pytest.importorskip("torchao")
+    model = tiny(tok)
+    apply_lora(model, "all-linear", r=4, alpha=8)
+    assert quantize_nf4(model, double_quant=False) == 15
+    q = model.layers[0].self_attn.q_proj
+    assert isinstance(q.base, AbsmaxNF4Linear)
+    codes = q.base.qweight.clone()
+    batches, _ = sft_batches(tok, tmp_path)
+    result = train(model, batches, quiet(max_steps=6))
+    print("losses over exact-scale NF4:", [round(v, 3) for v in result.losses])
+    assert result.losses[-1] < result.losses[0]
+    assert torch.equal(q.base.qweight, codes)  # the base takes no step
+    save_adapter(model, tmp_path / "adapter", quantized_base="nf4", double_quant=False)
+    x = tokens(tok)
+    with torch.no_grad():
+        adapted = model(x)
+    expect = q.base.dequantize().float() + q.delta()
+    remove_lora(model)
+    assert torch.equal(q.base.weight, expect)  # into the dequantized weight
+    with torch.no_grad():
+        merged = model(x)
+    # the adapted model's base products take bf16 inputs and round to bf16 (8 bits of mantissa,
+    # relative 2^-9 per rounding, some tens of them along 2 blocks); the merged one is fp32
+    print(f"merged vs adapted over exact-scale NF4: {(merged - adapted).abs().max():.2e} "
+          f"of max |logit| {adapted.abs().max():.2f}")
+    assert (merged - adapted).abs().max() <= 0.05 * adapted.abs().max()
+    assert json.loads((tmp_path / "adapter" / "lmstack_adapter.json").read_text()) == \
+        {"quantized_base": "nf4", "double_quant": False}
+    reloaded = use_adapter(tiny(tok), tmp_path / "adapter")  # quantized the same way, then merged
+    assert torch.equal(reloaded.layers[0].self_attn.q_proj.weight, expect)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_a_qlora_model_deep_copies_exactly(tok, double_quant):
+    pytest.importorskip("torchao")
+    model = tiny(tok)
+    apply_lora(model, ["q_proj", "down_proj"], r=4, alpha=8)
+    quantize_nf4(model, double_quant=double_quant)
+    randomize_lora_(model)
+    twin = copy.deepcopy(model)
+    x = tokens(tok)
+    with torch.no_grad():
+        assert torch.equal(twin(x), model(x))
+    ours, theirs = model.layers[0].mlp.up_proj, twin.layers[0].mlp.up_proj
+    assert type(theirs) is type(ours)
+    assert not {id(p) for p in theirs.parameters()} & {id(p) for p in ours.parameters()}
+    assert torch.equal(theirs.dequantize(), ours.dequantize())  # not quantized a second time
+    with torch.no_grad():
+        twin.layers[0].self_attn.q_proj.lora_B.zero_()
+        assert not torch.equal(twin(x), model(x))
+
+
 # ----------------------------------------------------------------------------- end to end
 
 def _task():
@@ -507,6 +657,26 @@ def test_finetune_merge_lora_and_sample_adapter_commands(cli_base, tmp_path, cap
     assert capsys.readouterr().out == merged_text
     assert main(finetune_flags(cli_base, out, "--resume", "--lora.r", "8")) == 2
     assert "resume with the --base, --method and --lora settings" in capsys.readouterr().err
+
+
+def test_finetune_command_double_quant_flag_reaches_the_model(cli_base, tmp_path):
+    pytest.importorskip("torchao")
+    from lmstack.cli import main
+    from lmstack.cli.finetune import adapt, parse_args
+    from lmstack.model import load_hf
+    args = parse_args(finetune_flags(cli_base, tmp_path / "q")[1:] + ["--lora.double-quant", "false"])
+    assert args.lora.double_quant is False
+    model = load_hf(cli_base / "base")
+    adapt(model, "qlora", args.lora)
+    assert isinstance(model.layers[0].self_attn.q_proj.base, AbsmaxNF4Linear)
+    out = tmp_path / "q"
+    assert main(finetune_flags(cli_base, out, "--method", "qlora", "--train.max-steps", "1",
+                               "--lora.double-quant", "false")) == 0
+    assert json.loads((out / "adapter" / "lmstack_adapter.json").read_text())["double_quant"] is False
+    assert main(["merge-lora", str(cli_base / "base"), str(out / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    exported, merged = load_file(out / "hf" / "model.safetensors"), load_file(tmp_path / "merged" / "model.safetensors")
+    assert all(torch.equal(exported[k], merged[k]) for k in exported)  # merged over exact scales both times
 
 
 def test_finetune_command_qlora_and_bad_flags(cli_base, tmp_path, capsys):

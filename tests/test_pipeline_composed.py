@@ -1,9 +1,10 @@
-"""Pipeline stages composed with data parallelism (lmstack.train.pipeline + distributed): one
-torchrun launch of 4 gloo ranks on a (pp=2, dp=2) mesh, against single-process runs.
+"""Pipeline stages composed with data and tensor parallelism (lmstack.train.pipeline +
+distributed): one torchrun launch of 4 gloo ranks on (pp=2) x (dp=2 or tp=2) meshes, against
+single-process runs.
 
-  * PP2 x FSDP2 (dp-shard 2) and PP2 x dp-replicate 2: each dp group reads its rows of the
-    global batch; per-step losses, global grad norms (clipping active), validation losses and
-    final weights match one process within 1e-5 (fp32).
+  * PP2 x FSDP2 (dp-shard 2), PP2 x dp-replicate 2 and PP2 x TP2: each dp group reads its rows
+    of the global batch; per-step losses, global grad norms (clipping active), validation
+    losses and final weights match one process within 1e-5 (fp32). PP x TP x DP is refused.
   * A sharded checkpoint of PP2 x FSDP2 at step 5 resumes under PP2 x dp-replicate 2 (in the
     launch) and in one process (here), each giving the uninterrupted run.
   * Stage-only construction: on an 8-layer model each rank holds its stage's parameters alone
@@ -59,7 +60,9 @@ RUNS = {
     "resumed-replicate": {"n_layers": 3, "batch_size": 4, "grad_accum": 2, "resume": "pp-fsdp",
                           "parallel": {"pp": 2, "dp_replicate": 2, "pp_schedule": "1f1b",
                                        "microbatches": 2}},
-    "tp-refused": {"n_layers": 3, "batch_size": 4, "grad_accum": 1, "parallel": {"pp": 2, "tp": 2}},
+    # tensor + sequence parallel inside each stage: stages pass (B, T / 2, C) slices
+    "pp-tp": {"n_layers": 3, "batch_size": 4, "grad_accum": 2,
+              "parallel": {"pp": 2, "tp": 2, "pp_schedule": "1f1b", "microbatches": 2}},
 }
 BUILDS = {"stage-replicate": {"pp": 2, "dp_replicate": 2}, "stage-shard": {"pp": 2, "dp_shard": 2}}
 
@@ -166,7 +169,7 @@ def merged(stages: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- tests
 
-@pytest.mark.parametrize("name", ["pp-fsdp", "pp-replicate"])
+@pytest.mark.parametrize("name", ["pp-fsdp", "pp-replicate", "pp-tp"])
 def test_stages_with_data_parallel_train_like_one_process(launched, name):
     """10 steps of the same global batch: every rank logs the single-process losses, grad
     norms (the global norm over both stages and every shard: clipping agrees) and validation
@@ -214,10 +217,13 @@ def test_each_rank_builds_only_its_stage_with_one_process_weights(launched, name
         torch.testing.assert_close(weights[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_pipeline_with_tensor_parallel_is_refused_on_every_rank(launched):
-    for record in records(launched, "tp-refused", NPROC):
-        assert "pipeline stages compose with --train.parallel.dp-shard and dp-replicate" in record["error"]
-        assert "set --train.parallel.tp=1" in record["error"]
+def test_stages_with_both_data_and_tensor_parallel_are_refused():
+    """Checked before any collective (as every rank does): pp x tp x dp is not supported."""
+    cfg = run_config({"batch_size": 4, "grad_accum": 1,
+                      "parallel": {"pp": 2, "tp": 2, "dp_shard": 2}})
+    with pytest.raises(ValueError, match=r"pp=2 with tp=2 and dp-replicate x dp-shard=2: pipeline "
+                                         r"stages compose with data parallelism .* or with tensor"):
+        distributed.check_parallel(model_config(3), cfg, world_size=8)
 
 
 if __name__ == "__main__":

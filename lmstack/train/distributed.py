@@ -204,10 +204,11 @@ def check_parallel(model_config: ModelConfig, cfg: TrainConfig, world_size: int)
     if cfg.batch_size % p.dp:
         raise ValueError(f"--train.batch-size={cfg.batch_size} (the global micro-batch) is not a "
                          f"multiple of the data-parallel degree dp-replicate x dp-shard = {p.dp}")
-    if p.pp > 1 and p.tp > 1:
-        raise ValueError(f"--train.parallel.pp={p.pp} with tp={p.tp}: pipeline stages compose with "
-                         "--train.parallel.dp-shard and dp-replicate (FSDP2 inside each stage), "
-                         "not with tensor parallelism yet; set --train.parallel.tp=1 or pp=1")
+    if p.pp > 1 and p.tp > 1 and p.dp > 1:
+        raise ValueError(f"--train.parallel.pp={p.pp} with tp={p.tp} and dp-replicate x dp-shard="
+                         f"{p.dp}: pipeline stages compose with data parallelism (dp-shard, "
+                         "dp-replicate) or with tensor parallelism, not with both at once yet; "
+                         "set --train.parallel.tp=1 or dp-shard=dp-replicate=1")
     check_stages(model_config, p.pp)
 
 
@@ -404,8 +405,11 @@ def build_stage(model: Transformer, cfg: TrainConfig, mesh: DeviceMesh,
     check_parallel(model.config, cfg, mesh.size())
     transform_blocks(model, cfg, mesh)
     stage = split_stage(model, p.pp, mesh["pp"].get_local_rank())
+    stage.sequence_shards = p.tp
     data_parallel(stage, cfg, mesh)
     stage.to_empty(device=device)
+    if _tp_alone(p):  # as in build_model: hooks on meta parameters would not survive to_empty
+        lay_out_grads_like_params(stage)
     torch.manual_seed(cfg.seed)
     with FullTensorInit(device):
         model.init_weights()

@@ -19,9 +19,11 @@ mesh's "pp" dimension, run by torch.distributed.pipelining's GPipe or 1F1B sched
     over its own dp sub-mesh (distributed.build_model) and each dp group reads its slice of the
     step: the valid-token count is the global one, and the loss is scaled by dp, since FSDP2
     averages the gradients over the dp ranks (as accumulate_gradients does).
+  * Tensor parallel inside a stage (tp > 1, dp = 1): the blocks are split as without stages;
+    stages send each other the sequence-parallel slice (B, T / tp, C) of the activations.
 
 The model stays the single-device `Transformer`; tied embeddings (one weight on the first and
-the last stage) are refused, and so is tensor parallelism inside a stage.
+the last stage) are refused, and so are data and tensor parallelism both inside a stage.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class StageModule(nn.Module):
         # a ModuleDict keyed by the model's layer index keeps the names `layers.<i>.`
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layers})
         self.norm = model.norm if is_last else None
+        self.sequence_shards = 1  # tensor parallelism's degree once applied (distributed.build_stage)
         self.lm_head = model.lm_head if is_last else None
         if self.config.pos == "rope":
             self.register_buffer("rope_cos", model.rope_cos, persistent=False)
@@ -114,7 +117,8 @@ class StageModule(nn.Module):
             self.rope_cos, self.rope_sin = rope_tables(self.config, device=self.rope_cos.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = x.shape[1]
+        # between stages under sequence parallelism x is this rank's slice (B, T / tp, C)
+        T = x.shape[1] if self.embed_tokens is not None else x.shape[1] * self.sequence_shards
         positions = torch.arange(T, device=x.device)
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)  # (B, T, C)
@@ -154,20 +158,16 @@ class Pipeline:
         # then: clip with the norm over pipeline.group, optimizer step on pipeline.module
 
     model is this rank's stage as distributed.build_model makes it (FSDP2-sharded over the dp
-    sub-mesh when dp > 1), or with dp = 1 the full Transformer, of which this rank keeps its
-    stage (mesh["pp"]'s local rank). Tensor parallelism inside a stage is refused.
+    sub-mesh when dp > 1, tensor-parallel over mesh["tp"] when tp > 1), or with dp = tp = 1 the
+    full Transformer, of which this rank keeps its stage (mesh["pp"]'s local rank).
     """
 
     def __init__(self, model: Transformer | StageModule, mesh: DeviceMesh, cfg: ParallelConfig,
                  token_loss: TokenLoss, ignore_index: int):
-        if cfg.tp > 1:
-            raise ValueError(f"--train.parallel.pp={cfg.pp} with tp={cfg.tp}: pipeline stages "
-                             "combine with dp-shard and dp-replicate, not with tensor parallelism "
-                             "yet; set --train.parallel.tp=1")
-        if cfg.dp > 1 and not isinstance(model, StageModule):
-            raise ValueError(f"--train.parallel.pp={cfg.pp} with dp={cfg.dp}: pass the stage "
-                             "distributed.build_model builds (sharded over the dp ranks), not a "
-                             "whole Transformer")
+        if (cfg.dp > 1 or cfg.tp > 1) and not isinstance(model, StageModule):
+            raise ValueError(f"--train.parallel.pp={cfg.pp} with dp={cfg.dp}, tp={cfg.tp}: pass "
+                             "the stage distributed.build_model builds (split over those ranks), "
+                             "not a whole Transformer")
         self.group = mesh["pp"].get_group()
         # a world sum of per-rank values counts each dp slice once per rank reading its rows:
         # pp x tp times from every rank, tp times from the last stage's ranks alone

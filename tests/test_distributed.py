@@ -263,7 +263,12 @@ SCENARIOS = {
     "lora": lambda d, o: scenario_lora(d, o, "lora", qlora=False),
     "qlora": lambda d, o: scenario_lora(d, o, "qlora", qlora=True),
     "nan_norm": lambda d, o: scenario_nan_norm(d),
+    "fsdp_compile": lambda d, o: scenario_parity(d, o, "fsdp_compile", ParallelConfig(dp_shard=2),
+                                                 compile=True, max_steps=COMPILED_STEPS),
+    "ddp_compile": lambda d, o: scenario_parity(d, o, "ddp_compile", ParallelConfig(dp_replicate=2),
+                                                compile=True, max_steps=COMPILED_STEPS),
 }
+COMPILED_STEPS = 4
 
 
 # ----------------------------------------------------------------------------- the tests (pytest)
@@ -431,6 +436,30 @@ def test_lora_and_qlora_train_sharded_and_save_a_peft_adapter_from_rank_0(two_ra
     assert state["weights"] == "trainable"
 
 
+@pytest.mark.slow
+def test_compiled_blocks_train_under_fsdp2_and_ddp_like_one_compiled_process(data, tmp_path):
+    """The order's compile step (each block torch.compile'd before FSDP2 / DDP) on 2 ranks: the
+    per-step losses, grad norms and weights equal one compiled process's, which stay within
+    compile's rounding of the eager run's. (With TP, compile is refused: see check_parallel.)"""
+    ref, model, _ = run_layout(data, ParallelConfig(), out_dir=tmp_path / "single",
+                               compile=True, max_steps=COMPILED_STEPS)
+    ref_weights = full_weights(model)
+    eager, _, _ = run_layout(data, ParallelConfig(), max_steps=COMPILED_STEPS)
+    compiled_vs_eager = max(abs(a - b) for a, b in zip(ref.summary()["losses"],
+                                                        eager.summary()["losses"], strict=True))
+    print(f"compiled vs eager losses: {compiled_vs_eager:.2e}")
+    assert compiled_vs_eager <= 1e-4, compiled_vs_eager
+    out = tmp_path / "two"
+    out.mkdir()
+    proc = launch(2, ["fsdp_compile,ddp_compile", str(data), str(out)], out)
+    results = rank_results(out, proc, 2)
+    single = {"stats": ref.summary(), "weights": ref_weights}
+    for name in ("fsdp_compile", "ddp_compile"):
+        for r in results:
+            assert r[name] == results[0][name]
+        assert_matches(single, results[0][name], load_file(out / f"{name}.safetensors"))
+
+
 def test_fsdp2_times_tp_and_hsdp_on_four_processes(data, single):
     """FSDP2 x TP (with activation checkpointing) and HSDP (2 replicas x 2 shards)."""
     out = single["root"] / "four"
@@ -449,6 +478,7 @@ def test_fsdp2_times_tp_and_hsdp_on_four_processes(data, single):
     (ParallelConfig(tp=2), {"seq_len": 31}, 2, "--train.seq-len=31 is not a multiple of --train.parallel.tp=2"),
     (ParallelConfig(tp=2), {"fused_projections": True}, 2, "turn it off with --train.parallel.tp > 1"),
     (ParallelConfig(dp_shard=2), {"precision": PrecisionConfig("fp16")}, 2, "fp16 .* use bf16"),
+    (ParallelConfig(tp=2), {"compile": True}, 2, "--train.compile with --train.parallel.tp > 1"),
 ])
 def test_layouts_that_cannot_work_are_refused_before_any_collective(parallel, overrides, world, message):
     with pytest.raises(ValueError, match=message):

@@ -197,6 +197,12 @@ def check_parallel(model_config: ModelConfig, cfg: TrainConfig, world_size: int)
     if p.tp > 1 and cfg.fused_projections:
         raise ValueError("--train.fused-projections concatenates q/k/v and gate/up weights, which "
                          "tensor parallelism shards one by one; turn it off with --train.parallel.tp > 1")
+    if cfg.compile and p.tp > 1:
+        # measured in torch 2.13 (tests/test_distributed.py): the backward of a compiled block
+        # hands DTensor's redistribution a plain tensor (AttributeError: no _local_tensor)
+        raise ValueError("--train.compile with --train.parallel.tp > 1 fails in this torch's "
+                         "backward (a compiled block returns plain-tensor gradients to DTensor's "
+                         "redistribution); compile with dp-shard / dp-replicate, or run TP eager")
     if cfg.precision.dtype == "fp16" and (p.dp_shard > 1 or p.tp > 1):
         # each rank would see overflow in its own shards only and skip steps on its own
         raise ValueError("--train.precision.dtype=fp16 (GradScaler) is not supported with sharded "

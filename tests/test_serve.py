@@ -328,6 +328,7 @@ def test_dropped_streams_leave_no_sequence_or_block(srv):
                        headers={"Authorization": f"Bearer {KEY}"})
 
     aborted = srv.metric("lmstack:request_success_total", 'finished_reason="abort"')
+    finished = srv.metric("lmstack:request_success_total", 'finished_reason="length"')
     threads = [threading.Thread(target=drop) for _ in range(6)] + [threading.Thread(target=give_up)]
     for t in threads:
         t.start()
@@ -336,7 +337,12 @@ def test_dropped_streams_leave_no_sequence_or_block(srv):
     assert_all_free(srv.llm)
     assert wait_until(lambda: srv.metric("lmstack:num_requests_running") == 0)
     assert srv.metric("lmstack:kv_cache_usage_perc") == 0
-    assert srv.metric("lmstack:request_success_total", 'finished_reason="abort"') == aborted + 7
+    # the six streams are admitted (each read a chunk) and aborted; the client that gives up
+    # after 0.3 s can leave before its request is admitted on a loaded machine (then it never
+    # runs), but never lets it run to the end
+    dropped = srv.metric("lmstack:request_success_total", 'finished_reason="abort"') - aborted
+    assert dropped in (6, 7), dropped
+    assert srv.metric("lmstack:request_success_total", 'finished_reason="length"') == finished
     assert httpx.get(srv.url + "/health").status_code == 200
 
 

@@ -217,6 +217,24 @@ def _hf_logits(hf, x):
         return hf(x).logits
 
 
+def peft_written_adapter(model, targets: list[str], tmp_path):
+    """`model` exported to tmp_path/base, a peft LoRA (r 4) on `targets` with random A and B
+    saved to tmp_path/adapter; returns (peft's wrapped HF model, tmp_path/adapter)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    save_hf(model, tmp_path / "base")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, lora_dropout=0.0,
+                             task_type="CAUSAL_LM")
+    wrapped = peft.get_peft_model(hf, config)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    return wrapped, tmp_path / "adapter"
+
+
 def test_our_adapter_loads_in_peft_with_the_same_logits(tok, tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
@@ -242,18 +260,7 @@ def test_our_adapter_loads_in_peft_with_the_same_logits(tok, tmp_path):
 
 
 def test_an_adapter_written_by_peft_loads_with_the_same_logits(tok, tmp_path):
-    peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM
-    save_hf(tiny(tok), tmp_path / "base")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
-    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "gate_proj"],
-                             lora_dropout=0.0, task_type="CAUSAL_LM")
-    wrapped = peft.get_peft_model(hf, config)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.3)
-    wrapped.save_pretrained(tmp_path / "adapter")
+    wrapped, _ = peft_written_adapter(tiny(tok), ["k_proj", "gate_proj"], tmp_path)
     x = tokens(tok)
     theirs = _hf_logits(wrapped.eval(), x)
     from lmstack.model import load_hf
@@ -320,20 +327,8 @@ def test_our_gpt2_adapter_on_separate_qkv_loads_in_peft_as_c_attn(tok, tmp_path,
 
 
 def test_a_peft_written_gpt2_c_attn_adapter_loads_with_the_same_logits(tok, tmp_path):
-    peft = pytest.importorskip("peft")
-    from transformers import AutoModelForCausalLM
-
     from lmstack.model import load_hf
-    save_hf(tiny_gpt2(tok), tmp_path / "base")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
-    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"],
-                             lora_dropout=0.0, task_type="CAUSAL_LM")
-    wrapped = peft.get_peft_model(hf, config)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.3)
-    wrapped.save_pretrained(tmp_path / "adapter")
+    wrapped, _ = peft_written_adapter(tiny_gpt2(tok), ["c_attn", "c_proj", "c_fc"], tmp_path)
     x = tokens(tok)
     theirs = _hf_logits(wrapped.eval(), x)
     ours_model = load_hf(tmp_path / "base")

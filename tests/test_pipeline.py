@@ -60,12 +60,13 @@ def run_config(spec: dict):
                         parallel=ParallelConfig(**spec.get("parallel", {})))
 
 
-def run(spec: dict, mesh=None, out_dir=None):
+def run(spec: dict, mesh=None, out_dir=None, resume_from=None):
     """The run a spec describes: (model, losses, grad norms, val loss). Under a mesh the model
-    is distributed.build_model's and each data-parallel rank reads its rows of every batch."""
+    is distributed.build_model's and each data-parallel rank reads its rows of every batch. A
+    resumed single-process run starts from other weights (seed 1): the checkpoint must replace them."""
     cfg = run_config(spec)
     if mesh is None:
-        model = Transformer.build(model_config(spec["n_layers"]), seed=0)
+        model = Transformer.build(model_config(spec["n_layers"]), seed=1 if resume_from else 0)
     else:
         model = distributed.build_model(model_config(spec["n_layers"]), cfg, mesh, torch.device("cpu"))
     rank, size = distributed.dp_rank(mesh), distributed.dp_size(mesh)
@@ -76,7 +77,8 @@ def run(spec: dict, mesh=None, out_dir=None):
     norms = []
     result = train(model, ListSource(rows(step_batches(spec["batch_size"], spec["grad_accum"]))),
                    cfg, val_batches=rows(step_batches(spec["batch_size"], 1, seed=9)[:3]),
-                   hooks=[lambda stats: norms.append(stats.grad_norm)], mesh=mesh, out_dir=out_dir)
+                   hooks=[lambda stats: norms.append(stats.grad_norm)], mesh=mesh, out_dir=out_dir,
+                   resume_from=resume_from)
     return model, result.losses, norms, result.val_loss
 
 

@@ -36,13 +36,12 @@ from test_pipeline import (  # noqa: E402
     free_port,
     model_config,
     records,
+    run,
     run_config,
-    step_batches,
 )
-from test_train import ListSource  # noqa: E402
 
 from lmstack.model import Transformer  # noqa: E402
-from lmstack.train import distributed, train  # noqa: E402
+from lmstack.train import distributed  # noqa: E402
 from lmstack.train.pipeline import StageModule  # noqa: E402
 
 NPROC = 4
@@ -65,28 +64,6 @@ RUNS = {
               "parallel": {"pp": 2, "tp": 2, "pp_schedule": "1f1b", "microbatches": 2}},
 }
 BUILDS = {"stage-replicate": {"pp": 2, "dp_replicate": 2}, "stage-shard": {"pp": 2, "dp_shard": 2}}
-
-
-def run(spec: dict, mesh=None, out_dir=None, resume_from=None):
-    """The run a spec describes: (model, losses, grad norms, val loss); under a mesh each dp
-    rank reads its rows of every global batch."""
-    cfg = run_config(spec)
-    config = model_config(spec["n_layers"])
-    if mesh is None:
-        model = Transformer.build(config, seed=1 if resume_from else 0)
-    else:
-        model = distributed.build_model(config, cfg, mesh, torch.device("cpu"))
-    rank, size = distributed.dp_rank(mesh), distributed.dp_size(mesh)
-
-    def rows(batches):
-        return [tuple(t.chunk(size)[rank] for t in batch) for batch in batches]
-
-    norms = []
-    result = train(model, ListSource(rows(step_batches(spec["batch_size"], spec["grad_accum"]))),
-                   cfg, val_batches=rows(step_batches(spec["batch_size"], 1, seed=9)[:3]),
-                   hooks=[lambda stats: norms.append(stats.grad_norm)], mesh=mesh,
-                   out_dir=out_dir, resume_from=resume_from)
-    return model, result.losses, norms, result.val_loss
 
 
 def whole(model) -> dict[str, torch.Tensor]:

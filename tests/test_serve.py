@@ -311,7 +311,17 @@ def test_64_concurrent_streams_all_complete_correctly(srv, reference):
     assert_all_free(srv.llm)
 
 
-def test_dropped_streams_leave_no_sequence_or_block(srv):
+def test_dropped_streams_leave_no_sequence_or_block(srv, monkeypatch):
+    # each engine step takes at least 10 ms, so no request can reach max_tokens before its
+    # client leaves (the tiny model alone can decode 240 tokens inside the 0.3 s timeout)
+    step = srv.llm.step
+
+    def slow_step():
+        time.sleep(0.01)
+        return step()
+
+    monkeypatch.setattr(srv.llm, "step", slow_step)
+
     def drop():
         body = {"model": NAME, "prompt": "the lazy dog", "max_tokens": 200, "stream": True,
                 "ignore_eos": True}

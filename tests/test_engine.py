@@ -229,8 +229,9 @@ def test_decode_variant_is_a_pure_function_of_the_step():
 
 
 def test_compiled_steps_that_do_not_pay_run_eagerly(model, reference, monkeypatch):
-    """Each kind of decode step is timed compiled against eager over its first steps; compiled
-    steps that were slower are dropped with one warning, and the tokens stay the reference."""
+    """Each kind of decode step is timed on both compiled variants and eagerly over its first
+    steps; where the compiled steps were slower, eager is kept with one warning, and the tokens
+    stay the reference."""
     import time
 
     monkeypatch.setattr(compiled_module, "CPU_FROZEN", compiled_module.FROZEN)
@@ -239,18 +240,37 @@ def test_compiled_steps_that_do_not_pay_run_eagerly(model, reference, monkeypatc
     decode, calls = llm.runner.decode, []
     for name in ("frozen", "graph"):
         step = getattr(decode, name)
-        setattr(decode, name, lambda *a, s=step: calls.append(1) or time.sleep(0.1) or s(*a))
+        setattr(decode, name, lambda *a, s=step, n=name: calls.append(n) or time.sleep(0.1) or s(*a))
     with pytest.warns(RuntimeWarning, match="run eagerly from now on"):
         outs = llm.generate(mixed_prompts(), GREEDY)
     assert [o.token_ids for o in outs] == reference
-    judged = [p for p in decode.probes.values() if p.pays is not None]
-    assert judged and all(p.pays is False for p in judged)
+    judged = [p for p in decode.probes.values() if p.decided]
+    assert judged and all(p.choice is compiled_module.EAGER for p in judged)
+    assert all(set(p.timings) == {Variant.FROZEN, Variant.PACKED, None} for p in judged)
+    assert {"frozen", "graph"} <= set(calls)  # both variants were tried
     n = len(calls)
     assert [o.token_ids for o in llm.generate(mixed_prompts(), GREEDY)] == reference
     assert len(calls) == n  # the same kinds of steps again: all eager now
-    probe = compiled_module._Probe(compiled=[1e-3, 2e-3], eager=[3e-3, 1.5e-3], warm=True)
-    decode._judge(probe, Variant.FROZEN, True, 1)
-    assert probe.pays is True  # best compiled 1 ms <= best eager 1.5 ms
+
+
+def test_a_probe_keeps_the_fastest_candidate_per_row():
+    """Candidates take turns (each compiled variant's first, compiling step untimed, first), and
+    the one with the lowest best time wins, the rule's pick on a tie."""
+    probe = compiled_module._Probe((Variant.FROZEN, Variant.PACKED, None))
+    assert probe.next_turn() is Variant.FROZEN
+    probe.warm |= {Variant.FROZEN, Variant.PACKED}
+    probe.timings = {Variant.FROZEN: [3e-3, 2e-3], Variant.PACKED: [1e-3]}
+    assert probe.next_turn() is None and not probe.ready(2)  # eager has no timing yet
+    probe.timings[None] = [1.5e-3, 1.6e-3]
+    assert probe.next_turn() is Variant.PACKED
+    probe.timings[Variant.PACKED].append(1.2e-3)
+    assert probe.ready(2)
+    probe.decide()
+    assert probe.decided and probe.choice is Variant.PACKED
+    tie = compiled_module._Probe((Variant.PACKED, Variant.FROZEN, None),
+                                 {Variant.PACKED: [1e-3], Variant.FROZEN: [1e-3], None: [1e-3]})
+    tie.decide()
+    assert tie.choice is Variant.PACKED
 
 
 def test_prefix_cache_warm_equals_cold_and_hits(model, reference):

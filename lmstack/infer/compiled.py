@@ -3,8 +3,9 @@
 Decode steps have one new token per lane, or k + 1 when a speculative step verifies k draft
 tokens: a few fixed widths, each its own graphs. Prefill chunks stay eager: their shapes change
 every step. A decode step of a small batch reads every weight once to compute a few rows and
-runs ~50 small ops per layer besides; inductor fuses those ops into a few kernels. How the
-products run depends on the step's rows (`decode_variant`, a pure function):
+runs ~50 small ops per layer besides; inductor fuses those ops into a few kernels. The
+products run in one of two variants, and the rows rule (`decode_variant`, a pure function)
+says which should be faster:
 - few rows (at most `frozen_max_rows`), or any step on CUDA: the weights are frozen into the
   graph as constants that inductor lays out once, and on CPU its C++ GEMM template runs the
   products; it streams weights faster than oneDNN while a product is bound by reading them;
@@ -15,10 +16,12 @@ Steps of one lane and of several get graphs of their own (the batch of several i
 Attention in compiled CPU decode steps reads each lane's keys and values from the paged pool in
 place (`AttnMetadata.attention == "flex"`).
 
-Whether compiling pays depends on the model and the machine, so it is measured: each variant's
-first steps alternate, once compiled, between the compiled and the eager model (both give the
-same tokens), and if the compiled steps were slower per row, that variant runs eagerly from
-then on, with one warning. `probe_steps=0` keeps every compiled variant untimed.
+Which of these runs fastest depends on the model, its dtype and the machine (the rows rule
+holds on some CPUs and not on others), so it is measured: the first steps of each kind (one
+lane or several; few rows or many, by the rows rule; the step's width) take turns, once
+compiled, among the frozen-weight graphs, the packed-weight graphs (CPU) and the eager model
+(all give the same tokens), and the fastest per row runs that kind of step from then on; if it
+is the eager model, with one warning. `probe_steps=0` times nothing and follows the rows rule.
 
 Frozen weights are copies: if the model's weights change after the first compiled step (an
 optimizer step, `load_state_dict`, a LoRA merge), frozen graphs would compute with the old
@@ -108,15 +111,39 @@ class _Snapshot:
                 or any(t.data_ptr() != ptr or t._version != v for t, ptr, v in self.tensors))
 
 
+EAGER = None
+"""A probe's candidate for the eager model."""
+
+
 @dataclass
 class _Probe:
-    """Timings per row (seconds) of one variant's steps, compiled and eager, until a verdict."""
+    """One kind of decode step: each candidate's timings per row (seconds), until a verdict."""
 
-    compiled: list[float] = field(default_factory=list)
-    eager: list[float] = field(default_factory=list)
-    warm: bool = False
-    """The first compiled step (which compiles) has run."""
-    pays: bool | None = None
+    candidates: tuple[Variant | None, ...]
+    """The compiled variants to try, then EAGER."""
+    timings: dict[Variant | None, list[float]] = field(default_factory=dict)
+    warm: set[Variant] = field(default_factory=set)
+    """Variants whose first compiled step (which compiles, untimed) has run."""
+    decided: bool = False
+    choice: Variant | None = EAGER
+    """What runs this kind of step once decided: a variant, or EAGER."""
+
+    def next_turn(self) -> Variant | None:
+        """The candidate that runs the next step while undecided: a variant not yet compiled,
+        else the one with the fewest timings."""
+        cold = [c for c in self.candidates if c is not EAGER and c not in self.warm]
+        if cold:
+            return cold[0]
+        return min(self.candidates, key=lambda c: len(self.timings.get(c, ())))
+
+    def ready(self, probe_steps: int) -> bool:
+        return all(len(self.timings.get(c, ())) >= probe_steps for c in self.candidates)
+
+    def decide(self) -> None:
+        """Keep the candidate of the lowest best time per row (the earlier one on a tie)."""
+        best = {c: min(self.timings[c]) for c in self.candidates}
+        self.choice = min(self.candidates, key=best.__getitem__)
+        self.decided = True
 
 
 class CompiledDecode:
@@ -152,30 +179,41 @@ class CompiledDecode:
                             "hold copies); llm.weights_changed() or a new LLM compiles the new weights")
         if self.eager_reason is not None:
             return self.model, False
-        variant = decode_variant(lanes * width, self.max_frozen_rows, self.on_cpu)
-        probe = self.probes.setdefault((variant, lanes == 1, width), _Probe())
-        if probe.pays is None and self.probe_steps and len(probe.compiled) >= self.probe_steps:
-            self._judge(probe, variant, lanes == 1, width)
-        if probe.pays is False:
-            return self.model, False
-        compiled = lambda *a, **kw: self._run(variant, *a, **kw)
-        if probe.pays or not probe.warm or self.probe_steps == 0:
-            if not probe.warm:
-                probe.warm = True  # this call compiles: not timed
-            return compiled, True
-        eager_turn = len(probe.eager) <= len(probe.compiled)
-        timings = probe.eager if eager_turn else probe.compiled
-        return self._timed(self.model if eager_turn else compiled, timings, lanes * width), not eager_turn
+        rows = lanes * width
+        rule = decode_variant(rows, self.max_frozen_rows, self.on_cpu)
+        if not self.probe_steps:
+            return self._variant(rule), True
+        probe = self.probes.get((rule, lanes == 1, width))
+        if probe is None:
+            others = [v for v in Variant if v is not rule] if self.on_cpu else []
+            probe = self.probes[rule, lanes == 1, width] = _Probe((rule, *others, EAGER))
+        if not probe.decided and probe.ready(self.probe_steps):
+            probe.decide()
+            self._report(probe, lanes == 1, width)
+        if probe.decided:
+            choice = probe.choice
+            return (self.model, False) if choice is EAGER else (self._variant(choice), True)
+        turn = probe.next_turn()
+        if turn is not EAGER and turn not in probe.warm:
+            probe.warm.add(turn)
+            return self._variant(turn), True  # this call compiles: not timed
+        run = self.model if turn is EAGER else self._variant(turn)
+        return self._timed(run, probe.timings.setdefault(turn, []), rows), turn is not EAGER
 
-    def _judge(self, probe: _Probe, variant: Variant, one_lane: bool, width: int) -> None:
-        compiled, eager = min(probe.compiled), min(probe.eager)
-        probe.pays = compiled <= eager
-        if not probe.pays:
-            lanes = "one lane" if one_lane else "several lanes"
-            warnings.warn(f"compiled decode: {variant.value} steps of {lanes}, {width} token(s) each, "
-                          f"took {compiled * 1e3:.3f} ms per row compiled against "
-                          f"{eager * 1e3:.3f} eager (best of {len(probe.eager)}); they run "
-                          "eagerly from now on", RuntimeWarning, stacklevel=4)
+    def _variant(self, variant: Variant) -> Callable:
+        return lambda *a, **kw: self._run(variant, *a, **kw)
+
+    @staticmethod
+    def _report(probe: _Probe, one_lane: bool, width: int) -> None:
+        if probe.choice is not EAGER:
+            return
+        lanes = "one lane" if one_lane else "several lanes"
+        compiled = ", ".join(f"{c.value} {min(probe.timings[c]) * 1e3:.3f}" for c in probe.candidates
+                             if c is not EAGER)
+        warnings.warn(f"compiled decode: steps of {lanes}, {width} token(s) each, took "
+                      f"{min(probe.timings[EAGER]) * 1e3:.3f} ms per row eager against {compiled} "
+                      f"compiled (best of {len(probe.timings[EAGER])}); they run eagerly from now on",
+                      RuntimeWarning, stacklevel=5)
 
     def _timed(self, run: Callable, timings: list[float], rows: int) -> Callable:
         def timed(*args, **kwargs):

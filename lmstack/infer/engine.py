@@ -69,17 +69,20 @@ class EngineConfig:
     Parameters): faster products for a second copy of those weights in memory."""
     compile: bool = False
     """torch.compile the decode steps (one new token per sequence; prefill stays eager), after
-    tens of seconds of compilation at the first decode steps. Steps of one lane or a few rows
-    keep another copy of the weights each until the process ends (engines over the same model
-    share them). Each kind of step is timed against eager over its first steps and runs eagerly
-    if compiling does not pay (see compile_probe_steps). Speculative steps (draft and verify)
-    compile too. If the weights change later, decode falls back to eager (see CompiledDecode;
-    `LLM.weights_changed()` compiles again)."""
+    tens of seconds of compilation at the first decode steps (per kind of step and variant).
+    Each kind of step's frozen-weight graphs keep another copy of the weights until the process
+    ends (engines over the same model share them). The first steps of each kind are timed on
+    every variant and on the eager model, and the fastest runs from then on (see
+    compile_probe_steps). Speculative steps (draft and verify) compile too. If the weights
+    change later, decode falls back to eager (see CompiledDecode; `LLM.weights_changed()`
+    compiles again)."""
     compile_probe_steps: int = 3
-    """With compile: how many steps of each kind run compiled and eager, alternately, before
-    the faster is kept; 0 keeps the compiled steps without timing them."""
+    """With compile: how many timed steps of each kind each candidate (frozen-weight graphs,
+    packed-weight graphs on CPU, the eager model) runs, in turns, before the fastest is kept;
+    0 times nothing and follows the rows rule (compile_frozen_rows)."""
     compile_frozen_rows: int | None = None
-    """With compile on CPU: decode steps of at most this many rows run on weights frozen into
+    """With compile on CPU: the rows rule that sorts decode steps into kinds, and picks their
+    variant when nothing is timed: steps of at most this many rows run on weights frozen into
     the graph, longer ones on oneDNN's packed copies; None: 2 per byte of a weight element
     (see lmstack.infer.compiled.frozen_max_rows)."""
     compile_cache: CompileCache | None = None

@@ -35,6 +35,7 @@ engine is gone, so engines share one CompiledDecode per model through a `Compile
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 import types
@@ -157,6 +158,8 @@ class CompiledDecode:
         self.max_frozen_rows = frozen_max_rows(weight.dtype) if max_frozen_rows is None else max_frozen_rows
         """Steps of more rows run the PACKED variant (CPU); default: frozen_max_rows."""
         self.frozen, self.graph = _compiled_step(), _compiled_step()
+        self._steps = {v: functools.partial(self._run, v) for v in Variant}
+        """Each variant's step, with the model's signature (made once, not per step)."""
         self._graph_model: torch.nn.Module | None = None
         self.probe_steps = probe_steps
         self.probes: dict[tuple[Variant, bool, int], _Probe] = {}  # (variant, one lane, width)
@@ -182,7 +185,7 @@ class CompiledDecode:
         rows = lanes * width
         rule = decode_variant(rows, self.max_frozen_rows, self.on_cpu)
         if not self.probe_steps:
-            return self._variant(rule), True
+            return self._steps[rule], True
         probe = self.probes.get((rule, lanes == 1, width))
         if probe is None:
             others = [v for v in Variant if v is not rule] if self.on_cpu else []
@@ -192,16 +195,13 @@ class CompiledDecode:
             self._report(probe, lanes == 1, width)
         if probe.decided:
             choice = probe.choice
-            return (self.model, False) if choice is EAGER else (self._variant(choice), True)
+            return (self.model, False) if choice is EAGER else (self._steps[choice], True)
         turn = probe.next_turn()
         if turn is not EAGER and turn not in probe.warm:
             probe.warm.add(turn)
-            return self._variant(turn), True  # this call compiles: not timed
-        run = self.model if turn is EAGER else self._variant(turn)
+            return self._steps[turn], True  # this call compiles: not timed
+        run = self.model if turn is EAGER else self._steps[turn]
         return self._timed(run, probe.timings.setdefault(turn, []), rows), turn is not EAGER
-
-    def _variant(self, variant: Variant) -> Callable:
-        return lambda *a, **kw: self._run(variant, *a, **kw)
 
     @staticmethod
     def _report(probe: _Probe, one_lane: bool, width: int) -> None:

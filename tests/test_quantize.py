@@ -318,6 +318,15 @@ def reference_tokens(directory) -> list[list[int]]:
     return [generate(model, [p], GREEDY.max_tokens)[0] for p in PROMPTS]
 
 
+@pytest.fixture
+def one_path(monkeypatch):
+    """Every product on the integer kernel, whatever its rows. The engine batches prompts
+    together that generate() runs alone, and above a row count measured on this CPU a product
+    takes the tile path, which agrees with the kernel to bf16 rounding only: enough to flip a
+    greedy near-tie of a random-weight model. Tokens must then match exactly."""
+    monkeypatch.setattr(qk, "measure_max_kernel_rows", lambda m: 1 << 30)
+
+
 @pytest.fixture(scope="module")
 def int4_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("int4") / "q"
@@ -326,13 +335,14 @@ def int4_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("options", [dict(), dict(max_num_batched_tokens=8, max_prefill_chunk=5),
                                      dict(pack_weights=False)])
-def test_engine_greedy_tokens_equal_generate_of_the_same_quantized_model(int4_dir, options):
+def test_engine_greedy_tokens_equal_generate_of_the_same_quantized_model(int4_dir, options, one_path):
     llm = LLM(int4_dir, **options)
     got = [out.token_ids for out in llm.generate(PROMPTS, GREEDY)]
     assert got == reference_tokens(int4_dir)
 
 
-def test_speculative_decoding_with_a_quantized_draft_keeps_the_targets_tokens(int4_dir, tmp_path):
+def test_speculative_decoding_with_a_quantized_draft_keeps_the_targets_tokens(int4_dir, tmp_path,
+                                                                            one_path):
     draft = save_quantized(quantized("int8", seed=3), tmp_path / "draft")
     llm = LLM(int4_dir, speculative_model=str(draft), num_speculative_tokens=3)
     got = [out.token_ids for out in llm.generate(PROMPTS, GREEDY)]

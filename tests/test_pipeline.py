@@ -11,6 +11,7 @@ This file is also the ranks' program: `torchrun ... tests/test_pipeline.py SPEC.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -60,12 +61,12 @@ near 1e-7."""
 
 
 def run_config(spec: dict):
-    return quiet_config(batch_size=spec["batch_size"], grad_accum=spec["grad_accum"], seq_len=16,
-                        optim=OptimConfig(lr=3e-3, eps=ADAM_EPS),
-                        max_steps=STEPS, eval=EvalConfig(every=5),
-                        checkpoint=CheckpointConfig(every=spec.get("checkpoint_every", 3), keep_last=2),
-                        activation_checkpointing=spec.get("activation_checkpointing", False),
-                        parallel=ParallelConfig(**spec.get("parallel", {})))
+    cfg = quiet_config(batch_size=spec["batch_size"], grad_accum=spec["grad_accum"], seq_len=16,
+                       max_steps=STEPS, eval=EvalConfig(every=5),
+                       checkpoint=CheckpointConfig(every=spec.get("checkpoint_every", 3), keep_last=2),
+                       activation_checkpointing=spec.get("activation_checkpointing", False),
+                       parallel=ParallelConfig(**spec.get("parallel", {})))
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, eps=ADAM_EPS))
 
 
 def run(spec: dict, mesh=None, out_dir=None, resume_from=None):

@@ -6,11 +6,11 @@ on loopback, until the requests run out. Every request asks for exactly --max-to
 (the tokenizer has no end-of-text token, so neither server stops early). Reported per target:
 requests/s, output tokens/s, time to first token (TTFT), time per output token after the first
 (TPOT), the gaps between streamed chunks (ITL), at p50 and p99, failed requests, and the
-server process's CPU time per output token and the cores it kept busy on average (what the
-server itself spent, whatever else ran on the machine; the clients run in this process and are
-not counted). The
-in-process row runs the same prompts through `LLM.add_request`/`step` with the same number in
-flight: what the HTTP server costs on top of the engine.
+server's CPU time per output token and the cores it kept busy on average (its process and the
+ones it started: what the server itself spent, whatever else ran on the machine; the clients
+run in this process and are not counted). The in-process row runs the same prompts through
+`LLM.add_request`/`step` with the same number in flight: what the HTTP server costs on top of
+the engine.
 
     .venv/bin/python benchmarks/serve_load.py                      # 32 clients, all three
     .venv/bin/python benchmarks/serve_load.py --concurrency 8 --requests 16 --skip transformers
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -58,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "oversubscribed shared cores)")
     p.add_argument("--skip", nargs="*", default=[], choices=["lmstack", "transformers", "engine"],
                    help="targets to leave out")
+    p.add_argument("--thread-engine", action="store_true",
+                   help="also run lmstack serve with its engine in a thread of the server's "
+                        "process (--engine-process false), to compare the two layouts")
     p.add_argument("--timeout", type=float, default=600, help="seconds one target may take")
     p.add_argument("--repeats", type=int, default=2,
                    help="runs of each target, taking turns; the table shows each one's best "
@@ -105,12 +109,27 @@ class Result:
 
 
 def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU time of a process (this one by default), its threads included."""
+    """User + system CPU time of this process, or of a server process and the processes it
+    started (lmstack's engine process), threads included."""
     if pid is None:
         t = os.times()
         return t.user + t.system
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return sum(_process_cpu(p) for p in [pid, *descendants(pid)])
+
+
+def _process_cpu(pid: int) -> float:
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # it may just have exited
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return 0.0
+
+
+def descendants(pid: int) -> list[int]:
+    children = []
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return [p for c in children for p in (c, *descendants(c))]
 
 
 def summarize(name: str, results: list[Result], seconds: float, cpu: float) -> dict:
@@ -215,15 +234,15 @@ def server_process(cmd: list[str], url: str, threads: int, health: str, timeout:
             proc.kill()
 
 
-def run_lmstack(model_dir: Path, texts, args, tokenizer) -> dict:
+def run_lmstack(model_dir: Path, texts, args, tokenizer, thread: bool = False) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "lmstack", "serve", str(model_dir), "--port", str(port),
            "--max-num-seqs", str(args.concurrency), "--log-level", "warning",
-           "--model-name", "bench"]
+           "--model-name", "bench", "--engine-process", str(not thread).lower()]
     with server_process(cmd, url, args.threads, "/health") as proc:
         results, seconds, cpu = asyncio.run(closed_loop(url, "bench", texts, args, tokenizer, proc.pid))
-    return summarize("lmstack serve", results, seconds, cpu)
+    return summarize("lmstack serve" + (", engine in a thread" if thread else ""), results, seconds, cpu)
 
 
 def run_transformers(model_dir: Path, texts, args, tokenizer) -> dict:
@@ -302,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = Tokenizer.load(model_dir)
         texts = prompts(args.requests, args.prompt_words)
         targets = {"engine": run_engine, "lmstack": run_lmstack, "transformers": run_transformers}
+        if args.thread_engine:
+            targets["lmstack-thread"] = functools.partial(run_lmstack, thread=True)
         best: dict[str, dict] = {}
         for _ in range(args.repeats):  # in turns, so a burst of load elsewhere hits all alike
             for name, run in targets.items():

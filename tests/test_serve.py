@@ -1,11 +1,13 @@
 """`lmstack serve` end to end: the real server on a free loopback port (uvicorn in a thread,
-the engine loop in its own), driven by the official `openai` client and raw HTTP for bad input.
-The model is a tiny random Llama whose embedding is wider than its tokenizer (padding ids)."""
+the engine in its own process, or in a thread where a test reaches into it), driven by the
+official `openai` client and raw HTTP for bad input. The model is a tiny random Llama whose
+embedding is wider than its tokenizer (padding ids)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -48,8 +50,13 @@ def tiny_model_and_tokenizer():
 @dataclass
 class Running:
     url: str
-    llm: LLM
+    tokenizer: Tokenizer
     app: object
+
+    @property
+    def engine(self):
+        """The server's EngineLoop (a ThreadEngine's `llm` is the engine itself)."""
+        return self.app.state.lmstack.loop
 
     def client(self, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0, **kw)
@@ -66,18 +73,48 @@ class Running:
 
 @contextlib.contextmanager
 def running_server(llm: LLM, **config):
+    """A server over this engine object, which runs in a thread of this process."""
+    with serving(lambda: llm, llm.tokenizer, engine_process=False, **config) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def serving(load, tokenizer: Tokenizer, **config):
+    """A server whose engine `load` builds (in a process of its own unless engine_process=False)."""
     port = free_port()
-    app = build_app(lambda: llm, ServeConfig(port=port, api_key=KEY, **config), NAME)
+    app = build_app(load, ServeConfig(port=port, api_key=KEY, **config), NAME)
     srv = server(app, log_level="warning")
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url)
     try:
-        yield Running(url, llm, app)
+        wait_healthy(url)
+        yield Running(url, tokenizer, app)
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
+
+
+def saved(model: Transformer, tok: Tokenizer, path):
+    """The model and tokenizer as a directory LLM loads."""
+    from safetensors.torch import save_file
+
+    model.config.save(path / "config.json")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    tok.save(path)
+    return path
+
+
+def slow_llm(path, step_s: float, **engine):
+    """An LLM whose every step takes at least step_s (a loader the engine process can import)."""
+    llm = LLM(path, **engine)
+    step = llm.step
+
+    def slow_step():
+        time.sleep(step_s)
+        return step()
+    llm.step = slow_step
+    return llm
 
 
 def wait_healthy(url: str, timeout: float = 60) -> None:
@@ -105,9 +142,15 @@ def model_tok():
 
 
 @pytest.fixture(scope="module")
-def srv(model_tok):
-    model, tok = model_tok
-    with running_server(LLM(model, tok, block_size=8, max_num_seqs=16), max_n=4) as s:
+def checkpoint(model_tok, tmp_path_factory):
+    return saved(*model_tok, tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def srv(model_tok, checkpoint):
+    """The default server: the engine in its own process, loaded from the saved model."""
+    load = functools.partial(LLM, str(checkpoint), block_size=8, max_num_seqs=16)
+    with serving(load, model_tok[1], max_n=4) as s:
         yield s
 
 
@@ -127,8 +170,12 @@ def chat_ids(tok, content: str) -> list[int]:
     return tok.encode(text)
 
 
-def assert_all_free(llm: LLM) -> None:
-    assert wait_until(lambda: llm.blocks.num_free_blocks == llm.blocks.num_blocks and not llm.requests)
+def assert_all_free(srv: Running) -> None:
+    """No request and no used KV block left in the server's engine (asked between its steps)."""
+    def free():
+        stats = srv.engine.stats_from_thread()
+        return stats["free_blocks"] == stats["num_blocks"] and stats["num_requests"] == 0
+    assert wait_until(free)
 
 
 # ----------------------------------------------------------------------------- the openai client
@@ -138,7 +185,7 @@ def test_models_health_and_tokenize(srv):
     assert [m.id for m in models.data] == [NAME]
     assert httpx.get(srv.url + "/health").json() == {"status": "ok"}
     ids = httpx.post(srv.url + "/tokenize", json={"prompt": "hello world"}).json()["tokens"]
-    assert ids == srv.llm.tokenizer.encode("hello world")
+    assert ids == srv.tokenizer.encode("hello world")
     back = httpx.post(srv.url + "/detokenize", json={"tokens": ids}).json()["prompt"]
     assert back == "hello world"
 
@@ -155,7 +202,7 @@ def test_completion_equals_the_engine(srv, reference):
 
 
 def test_completion_prompt_forms_and_echo(srv, reference):
-    tok = srv.llm.tokenizer
+    tok = srv.tokenizer
     ids = tok.encode("hello world")
     want = [o.text for o in reference.generate(["the lazy", ids], greedy(6))]
     c = srv.client()
@@ -200,7 +247,7 @@ def test_echo_with_logprobs_scores_the_prompt_like_the_model(srv, reference, mod
 
 
 def test_chat_and_streaming_equal_the_engine(srv, reference):
-    tok = srv.llm.tokenizer
+    tok = srv.tokenizer
     want = reference.generate(chat_ids(tok, "hi there"), greedy(16))[0]
     messages = [{"role": "user", "content": "hi there"}]
     c = srv.client()
@@ -281,10 +328,10 @@ def test_logprobs_and_top_logprobs(srv):
 
 def test_logit_bias_and_vllm_extras(srv):
     c = srv.client()
-    token = srv.llm.tokenizer.encode("fox")[0]
+    token = srv.tokenizer.encode("fox")[0]
     got = c.completions.create(model=NAME, prompt="hello", max_tokens=4, temperature=0,
                                logit_bias={str(token): 100})
-    assert got.choices[0].text == srv.llm.tokenizer.decode([token] * 4)
+    assert got.choices[0].text == srv.tokenizer.decode([token] * 4)
     extras = c.completions.create(model=NAME, prompt="hello", max_tokens=6, temperature=0.8, seed=1,
                                   extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.2,
                                               "ignore_eos": True, "min_tokens": 6})
@@ -308,19 +355,23 @@ def test_64_concurrent_streams_all_complete_correctly(srv, reference):
         return await asyncio.gather(*(one(ac, p, n) for p, n in zip(prompts, lengths, strict=True)))
 
     assert asyncio.run(crowd()) == want
-    assert_all_free(srv.llm)
+    assert_all_free(srv)
 
 
-def test_dropped_streams_leave_no_sequence_or_block(srv, monkeypatch):
-    # each engine step takes at least 10 ms, so no request can reach max_tokens before its
-    # client leaves (the tiny model alone can decode 240 tokens inside the 0.3 s timeout)
-    step = srv.llm.step
+@pytest.fixture(params=["engine process", "engine thread"])
+def slow_srv(request, model_tok, checkpoint):
+    """A server whose engine steps take at least 10 ms each, so no request can reach max_tokens
+    before its client leaves (the tiny model alone can decode 240 tokens inside 0.3 s)."""
+    load = functools.partial(slow_llm, str(checkpoint), 0.01, block_size=8, max_num_seqs=16)
+    if request.param == "engine thread":
+        llm = load()
+        load = lambda: llm  # noqa: E731
+    with serving(load, model_tok[1], engine_process=request.param == "engine process") as s:
+        yield s
 
-    def slow_step():
-        time.sleep(0.01)
-        return step()
 
-    monkeypatch.setattr(srv.llm, "step", slow_step)
+def test_dropped_streams_leave_no_sequence_or_block(slow_srv):
+    srv = slow_srv
 
     def drop():
         body = {"model": NAME, "prompt": "the lazy dog", "max_tokens": 200, "stream": True,
@@ -344,7 +395,7 @@ def test_dropped_streams_leave_no_sequence_or_block(srv, monkeypatch):
         t.start()
     for t in threads:
         t.join()
-    assert_all_free(srv.llm)
+    assert_all_free(srv)
     assert wait_until(lambda: srv.metric("lmstack:num_requests_running") == 0)
     assert srv.metric("lmstack:kv_cache_usage_perc") == 0
     # the six streams are admitted (each read a chunk) and aborted; the client that gives up
@@ -373,14 +424,15 @@ def test_flood_past_the_queue_gets_429_and_stays_healthy(model_tok):
         assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "rate_limit_error"
         assert httpx.get(s.url + "/health").status_code == 200
         assert s.client().completions.create(model=NAME, prompt="hi", max_tokens=2).choices
-        assert_all_free(s.llm)
+        assert_all_free(s)
 
 
 def test_health_is_503_while_loading_and_after_the_engine_loop_dies(model_tok):
     model, tok = model_tok
     llm, loaded = LLM(model, tok, block_size=8), threading.Event()
     port = free_port()
-    app = build_app(lambda: loaded.wait(30) and llm, ServeConfig(port=port, api_key=KEY), NAME)
+    app = build_app(lambda: loaded.wait(30) and llm,
+                    ServeConfig(port=port, api_key=KEY, engine_process=False), NAME)
     srv = server(app, log_level="critical")
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -402,6 +454,24 @@ def test_health_is_503_while_loading_and_after_the_engine_loop_dies(model_tok):
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
+
+
+def test_a_killed_engine_process_turns_health_503(model_tok, checkpoint):
+    with serving(functools.partial(LLM, str(checkpoint), block_size=8), model_tok[1]) as s:
+        assert s.client().completions.create(model=NAME, prompt="hi", max_tokens=2).choices
+        os.kill(s.engine.pid, signal.SIGKILL)
+        assert wait_until(lambda: _status(s.url + "/health") == 503)
+        r = httpx.post(s.url + CMPL, json={"prompt": "a", "max_tokens": 4}, headers=AUTH, timeout=30)
+        assert r.status_code == 503 and "engine process exited" in r.json()["error"]["message"]
+
+
+def test_a_loader_that_cannot_reach_the_engine_process_fails_clearly(caplog):
+    app = build_app(lambda: None, ServeConfig(port=free_port()), NAME)
+    thread = threading.Thread(target=server(app, log_level="critical").run, daemon=True)
+    thread.start()
+    thread.join(timeout=60)  # the server stops by itself when loading fails
+    assert not thread.is_alive() and app.state.lmstack.status == "failed"
+    assert "functools.partial(LLM, path, ...)" in caplog.text and "engine_process=False" in caplog.text
 
 
 def _status(url: str) -> int | None:
@@ -463,7 +533,7 @@ def test_bad_input_gets_the_envelope_and_the_server_stays_healthy(srv, case):
 
 def test_context_error_states_both_numbers(srv):
     r = httpx.post(srv.url + CMPL, json={"prompt": "hello", "max_tokens": 254}, headers=AUTH)
-    n = len(srv.llm.tokenizer.encode("hello"))
+    n = len(srv.tokenizer.encode("hello"))
     message = r.json()["error"]["message"]
     assert f"{n} tokens" in message and "254" in message and "256" in message
 
@@ -516,18 +586,6 @@ def test_fuzzed_requests_get_no_5xx_and_always_the_envelope(srv):
 
 
 # ----------------------------------------------------------------------------- the command line
-
-@pytest.fixture(scope="module")
-def checkpoint(model_tok, tmp_path_factory):
-    from safetensors.torch import save_file
-
-    model, tok = model_tok
-    path = tmp_path_factory.mktemp("ckpt")
-    model.config.save(path / "config.json")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
-    tok.save(path)
-    return path
-
 
 SIGTERMS = {
     "in-flight requests finish": dict(drain_s=20, seqs=64, max_tokens=40),

@@ -275,4 +275,4 @@ def test_unknown_tool_is_a_400(srv):
 
 
 def test_structured_requests_leave_no_block_behind(srv):
-    assert_all_free(srv.llm)
+    assert_all_free(srv)

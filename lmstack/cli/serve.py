@@ -15,6 +15,7 @@ requests finish for up to --drain-timeout-s, the rest are aborted, and the serve
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> int:
         print(f"lmstack serve: error: {e}", file=sys.stderr)
         return 2
     name = args.server.model_name or Path(model).resolve().name
-    app = build_app(lambda: LLM(path, tokenizer, **vars(args.engine)), args.server, name)
+    app = build_app(functools.partial(LLM, path, tokenizer, **vars(args.engine)), args.server, name)
     run(app, args.log_level)
     return 1 if app.state.lmstack.status == "failed" else 0
 

@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over the inference engine (`lmstack serve`).
 
     from lmstack.serve import ServeConfig, build_app, run
-    run(build_app(lambda: LLM("path/to/model"), ServeConfig(port=8000), "my-model"))
+    run(build_app(functools.partial(LLM, "path/to/model"), ServeConfig(port=8000), "my-model"))
 
 See docs/serving.md for the routes, limits, metrics and a client example.
 """

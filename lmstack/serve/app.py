@@ -1,10 +1,11 @@
 """The FastAPI app: OpenAI routes over one EngineLoop.
 
-    app = build_app(lambda: LLM("path/to/model"), ServeConfig(api_key="k"))
+    app = build_app(functools.partial(LLM, "path/to/model"), ServeConfig(api_key="k"))
     uvicorn.run(app, host="127.0.0.1", port=8000)   # or serve(...)
 
-The model loads in a worker thread once the server is up, so /health answers 503 ("loading")
-until it is ready. A request's path: the body is checked (protocol.py, requests.py), the queue
+The model loads once the server is up, in the engine's own process (`load` is sent there, so
+it must pickle) or, with `engine_process=False`, in a worker thread; /health answers 503
+("loading") until it is ready. A request's path: the body is checked (protocol.py, requests.py), the queue
 bound is checked (429), its grammar is compiled in a worker thread (structured outputs), its
 choices are submitted to the engine loop, and their outputs come back on one queue, to be
 streamed as server-sent events or gathered into one body. A client that goes away aborts its
@@ -28,7 +29,14 @@ from lmstack.infer import LLM, RequestOutput
 from lmstack.serve import responses as R
 from lmstack.serve.config import ServeConfig
 from lmstack.serve.errors import APIError, BodyLimit, error_response, install_handlers
-from lmstack.serve.loop import EngineDied, EngineLoop, Submission
+from lmstack.serve.loop import (
+    EngineDied,
+    EngineInfo,
+    EngineLoop,
+    ProcessEngine,
+    Submission,
+    ThreadEngine,
+)
 from lmstack.serve.metrics import ServerMetrics
 from lmstack.serve.protocol import (
     ChatRequest,
@@ -45,14 +53,14 @@ log = logging.getLogger("lmstack.serve")
 class Engine:
     """What the routes need once the model is loaded."""
 
-    llm: LLM
+    info: EngineInfo
     loop: EngineLoop
     limits: Limits
     compiler: object | None  # lmstack.infer.structured.GrammarCompiler, built at the first use
 
     @property
     def tokenizer(self):
-        return self.llm.tokenizer
+        return self.info.tokenizer
 
 
 class State:
@@ -60,12 +68,15 @@ class State:
         self.config, self.model_name = config, model_name
         self.metrics = ServerMetrics(model_name)
         self.engine: Engine | None = None
+        self.loop: EngineLoop | None = None
         self.status = "loading"  # -> "ready" -> "draining"; "failed" if loading raised
         self.created = int(time.time())
 
     def ready(self) -> Engine:
-        if self.status == "ready" and self.engine is not None and self.engine.loop.alive:
-            return self.engine
+        if self.status == "ready" and self.engine is not None:
+            if self.engine.loop.alive:
+                return self.engine
+            raise APIError(503, f"the engine has stopped: {self.engine.loop.error}", code="engine_died")
         reason = {"loading": "the model is still loading", "draining": "the server is shutting down"}
         raise APIError(503, reason.get(self.status, "the engine is not running"), code=self.status)
 
@@ -89,23 +100,25 @@ def _lifespan(state: State, load: Callable[[], LLM]):
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(_load(state, load))
         yield
-        state.status = "draining"
+        if state.status != "failed":  # (the command's exit code reads it)
+            state.status = "draining"
         task.cancel()
-        if state.engine is not None:
-            await asyncio.to_thread(state.engine.loop.stop)
+        if state.loop is not None:
+            await asyncio.to_thread(state.loop.stop)
     return lifespan
 
 
 async def _load(state: State, load: Callable[[], LLM]) -> None:
+    c = state.config
+    loop = ProcessEngine(state.metrics, c.grammar_cache_size) if c.engine_process else ThreadEngine(state.metrics)
+    state.loop = loop  # stopped at shutdown, even while it loads
     try:
-        llm = await asyncio.to_thread(load)
+        info = await loop.start(load)
     except Exception:
         log.exception("loading the model failed")
         state.status = "failed"
         return
-    loop = EngineLoop(llm, state.metrics)
-    loop.start()
-    state.engine = Engine(llm, loop, Limits(llm.max_model_len, state.config), None)
+    state.engine = Engine(info, loop, Limits(info.max_model_len, c), None)
     state.status = "ready"
 
 
@@ -176,7 +189,7 @@ def _other_routes(state: State) -> APIRouter:
     @router.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
         engine = _engine_for(state, body.model)
-        V = engine.llm.model.config.vocab_size
+        V = engine.info.vocab_size
         if not all(0 <= t < V for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {V})", "tokens")
         return {"prompt": engine.tokenizer.decode(body.tokens)}
@@ -194,14 +207,14 @@ def _engine_for(state: State, model: str | None) -> Engine:
 # ----------------------------------------------------------------------------- answering
 
 async def _respond(state: State, engine: Engine, job: Job, request: Request):
-    limit = engine.llm.config.max_num_seqs + state.config.max_waiting
+    limit = engine.info.max_num_seqs + state.config.max_waiting
     if engine.loop.num_requests + job.num_choices > limit:
         raise APIError(429, f"the server is full ({engine.loop.num_requests} requests running or "
                             "waiting); retry shortly", code="queue_full", headers={"Retry-After": "1"})
     constraints = await _constraints(state, engine, job)
     if job.echo and job.logprobs is not None:
         job.prompt_logprobs = [await _prompt_logprobs(engine, p, job.logprobs) for p in job.prompts]
-    subs = [Submission(job.request_id(k), job.prompts[k // job.n], p, constraints[k])
+    subs = [Submission(job.request_id(k), job.prompts[k // job.n], p, constraints[k], job.grammar)
             for k, p in enumerate(job.params)]
     sink: asyncio.Queue = asyncio.Queue()
     try:
@@ -229,21 +242,24 @@ async def _constraints(state: State, engine: Engine, job: Job) -> list:
     if job.grammar is None:
         return [None] * job.num_choices
     if engine.compiler is None:
-        engine.compiler = await asyncio.to_thread(_make_compiler, engine.llm, state.config)
+        engine.compiler = await asyncio.to_thread(_make_compiler, engine.info, state.config)
+    # a separate engine process builds its own constraints from the grammar: this one checks it
+    count = 1 if state.config.engine_process else job.num_choices
 
     def build():  # compiling blocks for a while on a large schema: not on the event loop
-        return [engine.compiler.constraint(job.grammar) for _ in range(job.num_choices)]
+        return [engine.compiler.constraint(job.grammar) for _ in range(count)]
     try:
-        return await asyncio.to_thread(build)
+        constraints = await asyncio.to_thread(build)
     except ValueError as e:
         raise APIError(400, str(e), job.grammar_param, "unsupported_schema") from None
+    return [None] * job.num_choices if state.config.engine_process else constraints
 
 
-def _make_compiler(llm: LLM, config: ServeConfig):
+def _make_compiler(info: EngineInfo, config: ServeConfig):
     from lmstack.infer.structured import GrammarCompiler
 
     try:
-        return GrammarCompiler(llm.tokenizer, llm.model.config.vocab_size, config.grammar_cache_size)
+        return GrammarCompiler(info.tokenizer, info.vocab_size, config.grammar_cache_size)
     except ImportError:
         raise APIError(400, "structured outputs need llguidance (pip install llguidance)",
                        "response_format") from None

@@ -31,6 +31,9 @@ class ServeConfig:
     """On SIGTERM: how long in-flight requests may run on before they are aborted."""
     grammar_cache_size: int = 256
     """Compiled structured-output grammars kept (by schema)."""
+    engine_process: bool = True
+    """Run the engine in a process of its own, so that HTTP work and engine steps use two
+    cores instead of sharing one GIL; false: in a thread of the server's process."""
 
     def __post_init__(self) -> None:
         checks = [("port", 0 <= self.port < 65536), ("max_body_bytes", self.max_body_bytes > 0),

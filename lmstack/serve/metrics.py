@@ -1,8 +1,8 @@
 """Prometheus metrics, named under `lmstack:` after vLLM's `vllm:` set, in a registry of the
 server's own (so several servers in one process do not collide).
 
-The engine loop thread updates them after every step (`after_step`) from the engine's counters
-and the step's outputs; /metrics renders them. prometheus_client's metrics are thread-safe.
+The event loop updates them when a step's outputs arrive (`after_step`), from the engine's
+counters sent with them and the outputs themselves; /metrics renders them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from lmstack.infer import LLM, RequestOutput
+from lmstack.infer import RequestOutput
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -56,9 +56,10 @@ class ServerMetrics:
     def admitted(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)
 
-    def after_step(self, llm: LLM, outs: list[RequestOutput]) -> None:
-        """The engine's gauges and counters, and each output's latencies (engine loop thread)."""
-        stats = self.engine_state(llm)
+    def after_step(self, stats: dict[str, float], outs: list[RequestOutput]) -> None:
+        """The engine's gauges and counters (from its stats after the step), and each output's
+        latencies."""
+        self.engine_state(stats)
         for name, counter in (("num_preemptions", self.preemptions),
                               ("prefix_queried_tokens", self.prefix_queries),
                               ("prefix_hit_tokens", self.prefix_hits)):
@@ -68,13 +69,12 @@ class ServerMetrics:
         for out in outs:
             self._observe(out, now)
 
-    def engine_state(self, llm: LLM) -> dict[str, float]:
-        """Set the gauges (also after aborts, which free blocks without a step); return the stats."""
-        stats = llm.stats()
+    def engine_state(self, stats: dict[str, float]) -> None:
+        """Set the gauges from the engine's stats (also after aborts, which free blocks without
+        a step)."""
         self.running.set(stats["num_running"])
         self.waiting.set(stats["num_waiting"])
         self.kv_usage.set(1 - stats["free_blocks"] / stats["num_blocks"])
-        return stats
 
     def _observe(self, out: RequestOutput, now: float) -> None:
         self.generation_tokens.inc(len(out.delta_token_ids))

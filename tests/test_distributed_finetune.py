@@ -187,9 +187,10 @@ def test_qlora_under_fsdp2_shards_the_nf4_base_and_matches_one_process(qlora):
     step by step. One process taking the batch as 2 micro-batches (grad_accum 2) differs from
     the plain run by as much (docs/distributed.md), so the tolerances are bf16's, not 1e-5:
     a step's loss within 5e-3 (bf16's resolution at a loss of 4-6 is 1.6e-2), on average within
-    1e-3, adapters and the merged export within 1e-3. Measured: 1.1e-3, 2.7e-4, 2.8e-4, 4e-5;
-    the same run over the float base instead of NF4 is 1e-2 (average loss) and 9e-3
-    (adapters) away."""
+    1e-3, the merged export within 1e-3 and the adapters within 2e-3. Measured on an
+    AVX-512 CPU: 1.1e-3, 2.7e-4, 2.8e-4 (adapters), 4e-5; on an AVX2 one, whose bf16 products
+    are emulated and round more often, 1.0e-3, 4.8e-4, 1.08e-3 (adapters), 8e-5. The same run
+    over the float base instead of NF4 is 1e-2 (average loss) and 9e-3 (adapters) away."""
     one, two = records(qlora["one"]), records(qlora["two"])
     assert abs(one[0]["loss"] - two[0]["loss"]) <= TOL
     diffs = metric_diffs(one, two)
@@ -198,7 +199,7 @@ def test_qlora_under_fsdp2_shards_the_nf4_base_and_matches_one_process(qlora):
     diffs["hf"] = max_diff(hf_weights(qlora["one"]), hf_weights(qlora["two"]))
     print("qlora", diffs)
     assert diffs["loss"] <= 5e-3 and diffs["val_loss"] <= 5e-3 and diffs["mean loss"] <= 1e-3
-    assert diffs["adapter"] <= 1e-3 and diffs["hf"] <= 1e-3
+    assert diffs["adapter"] <= 2e-3 and diffs["hf"] <= 1e-3
     assert json.loads((qlora["two"] / "adapter" / "lmstack_adapter.json").read_text()) == \
         {"quantized_base": "nf4"}
     assert qlora["proc"].stdout.count(f"step {STEPS}: train loss") == 1

@@ -4,11 +4,20 @@ model, forced tool calls, logit_bias, min_tokens, and padding ids that are never
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jsonschema
 import pytest
-from test_serve import KEY, NAME, assert_all_free, running_server, tiny_model_and_tokenizer
+from test_serve import (
+    KEY,
+    NAME,
+    assert_all_free,
+    running_server,
+    saved,
+    serving,
+    tiny_model_and_tokenizer,
+)
 
 from lmstack.infer import LLM, SamplingParams
 from lmstack.infer.structured import GrammarCompiler
@@ -42,10 +51,17 @@ def model_tok():
     return tiny_model_and_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def srv(model_tok):
+@pytest.fixture(scope="module", params=["engine process", "engine thread"])
+def srv(request, model_tok, tmp_path_factory):
+    """Both layouts: the engine process builds constraints from the grammar itself; the thread
+    takes the ones the server built."""
     model, tok = model_tok
-    with running_server(LLM(model, tok, block_size=8, max_num_seqs=16), max_n=8) as s:
+    if request.param == "engine thread":
+        with running_server(LLM(model, tok, block_size=8, max_num_seqs=16), max_n=8) as s:
+            yield s
+        return
+    path = saved(model, tok, tmp_path_factory.mktemp("ckpt"))
+    with serving(functools.partial(LLM, str(path), block_size=8, max_num_seqs=16), tok, max_n=8) as s:
         yield s
 
 

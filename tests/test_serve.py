@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -368,6 +369,30 @@ def slow_srv(request, model_tok, checkpoint):
         load = lambda: llm  # noqa: E731
     with serving(load, model_tok[1], engine_process=request.param == "engine process") as s:
         yield s
+
+
+def test_outputs_sent_from_the_engine_process_assemble_to_the_engine_outputs(model_tok):
+    """What crosses the pipe (WireOutput: new tokens, text and logprobs only) adds up, on the
+    server's side, to exactly the RequestOutputs the engine made: stop strings, sampling,
+    logprobs, outputs finished at the first token."""
+    from lmstack.serve.loop import Assembler, WireOutput
+
+    model, tok = model_tok
+    llm = LLM(model, tok, block_size=8)
+    cases = [("the quick brown fox", SamplingParams(max_tokens=12, temperature=0, logprobs=2)),
+             ("hello world", SamplingParams(max_tokens=20, temperature=0.9, seed=1, stop=["e", "o"])),
+             ("stop here", SamplingParams(max_tokens=1, temperature=0)),
+             ("the lazy dog", SamplingParams(max_tokens=16, temperature=0.7, seed=2, logprobs=0))]
+    assembler, seen = Assembler(), 0
+    for text, params in cases:
+        prompt = tok.encode(text)
+        assembler.begin(llm.add_request(prompt, params), prompt)
+    while llm.has_unfinished():
+        for out in llm.step():
+            sent = pickle.loads(pickle.dumps(WireOutput.of(out)))
+            assert assembler.output(sent) == out
+            seen += 1
+    assert seen > len(cases)
 
 
 def test_dropped_streams_leave_no_sequence_or_block(slow_srv):

@@ -302,13 +302,34 @@ class ProcessEngine(EngineLoop):
     so `load` must pickle, e.g. functools.partial(LLM, path, ...)). Messages go through two
     pipes; a reader thread here hands what arrives to the event loop. The child ignores SIGINT
     and SIGTERM (the server drains, then stops it) and exits when the server's end of the pipe
-    closes."""
+    closes.
+
+    Outputs cross as `WireOutput`s, what is new since the last one, and are made whole again
+    here (`Assembler`): a RequestOutput repeats the prompt and everything generated so far,
+    which would make a long request's pickling grow with every step."""
 
     def __init__(self, metrics: ServerMetrics, grammar_cache_size: int = 256):
         super().__init__(metrics)
         self.grammar_cache_size = grammar_cache_size
         self._process = None
         self._stopping = self._ready = False
+        self._assembler = Assembler()
+
+    async def submit(self, subs: list[Submission], sink: asyncio.Queue) -> None:
+        for s in subs:
+            self._assembler.begin(s.request_id, s.prompt)
+        try:
+            await super().submit(subs, sink)
+        except BaseException:
+            for s in subs:
+                self._assembler.forget(s.request_id)
+            raise
+
+    def _on_message(self, message: tuple) -> None:
+        if message[0] in ("step", "aborted"):
+            kind, wires, stats = message
+            message = (kind, [self._assembler.output(w) for w in wires], stats)
+        super()._on_message(message)
 
     async def start(self, load: Callable[[], LLM]) -> EngineInfo:
         self._events = asyncio.get_running_loop()
@@ -376,6 +397,54 @@ class ProcessEngine(EngineLoop):
         return None if self._process is None else self._process.pid
 
 
+@dataclass
+class WireOutput:
+    """A RequestOutput less what the server already has: its prompt and what earlier outputs
+    of the request carried (the text and token ids so far, their logprobs)."""
+
+    request_id: str
+    delta_token_ids: list[int]
+    delta_text: str
+    delta_logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None
+    metrics: object  # RequestMetrics
+    stop_reason: str | int | None
+
+    @classmethod
+    def of(cls, out: RequestOutput) -> WireOutput:
+        lps = out.logprobs
+        new = None if lps is None else lps[len(out.token_ids) - len(out.delta_token_ids):]
+        return cls(out.request_id, out.delta_token_ids, out.delta_text, new, out.finished,
+                   out.finish_reason, out.metrics, out.stop_reason)
+
+
+class Assembler:
+    """RequestOutputs from WireOutputs: each request's prompt (given at submission) and what
+    its outputs carried so far. The engine's text is the concatenation of its deltas (it holds
+    back a stop string's length until it knows), so the sums are the engine's own fields."""
+
+    def __init__(self):
+        self._so_far: dict[str, RequestOutput] = {}
+
+    def begin(self, request_id: str, prompt: list[int]) -> None:
+        self._so_far[request_id] = RequestOutput(request_id, prompt, [], "", [], "", False, None,
+                                                 None, None)
+
+    def forget(self, request_id: str) -> None:
+        self._so_far.pop(request_id, None)
+
+    def output(self, w: WireOutput) -> RequestOutput:
+        last = self._so_far.pop(w.request_id) if w.finished else self._so_far[w.request_id]
+        logprobs = None if w.delta_logprobs is None else (last.logprobs or []) + w.delta_logprobs
+        out = RequestOutput(w.request_id, last.prompt_token_ids, last.token_ids + w.delta_token_ids,
+                            last.text + w.delta_text, w.delta_token_ids, w.delta_text, w.finished,
+                            w.finish_reason, w.metrics, logprobs, w.stop_reason)
+        if not w.finished:
+            self._so_far[w.request_id] = out
+        return out
+
+
 def _core_process(load: Callable[[], LLM], inbox_conn, outbox_conn, grammar_cache_size: int) -> None:
     """The engine process: load, say "ready" (with EngineInfo), then run the core. A reader
     thread moves messages from the pipe to the core's inbox and builds the constraints of
@@ -390,6 +459,9 @@ def _core_process(load: Callable[[], LLM], inbox_conn, outbox_conn, grammar_cach
     lock = threading.Lock()
 
     def emit(message: tuple) -> None:
+        if message[0] in ("step", "aborted"):
+            kind, outs, stats = message
+            message = (kind, [WireOutput.of(out) for out in outs], stats)
         with lock:
             outbox_conn.send(message)
 

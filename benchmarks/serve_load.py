@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "oversubscribed shared cores)")
     p.add_argument("--skip", nargs="*", default=[], choices=["lmstack", "transformers", "engine"],
                    help="targets to leave out")
+    p.add_argument("--compile", action="store_true",
+                   help="lmstack's engines (served and in process) with compile=True")
+    p.add_argument("--warmup-waves", type=int, default=0,
+                   help="untimed waves of --concurrency requests at once before the timed ones "
+                        "(compiled steps are built for the batch shapes they first meet)")
     p.add_argument("--thread-engine", action="store_true",
                    help="also run lmstack serve with its engine in a thread of the server's "
                         "process (--engine-process false), to compare the two layouts")
@@ -199,6 +204,9 @@ async def closed_loop(url: str, model: str, texts: list[str], args, tokenizer,
 
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as http:
         await one_request(http, url, model, texts[0], args, tokenizer)  # warm-up
+        for _ in range(args.warmup_waves):  # the batch shapes of the load (compiled steps)
+            await asyncio.gather(*(one_request(http, url, model, t, args, tokenizer)
+                                   for t in texts[:args.concurrency]))
         start, cpu = time.perf_counter(), cpu_seconds(pid)
         await asyncio.gather(*(client(http) for _ in range(args.concurrency)))
         return results, time.perf_counter() - start, cpu_seconds(pid) - cpu
@@ -240,6 +248,7 @@ def run_lmstack(model_dir: Path, texts, args, tokenizer, thread: bool = False) -
     cmd = [sys.executable, "-m", "lmstack", "serve", str(model_dir), "--port", str(port),
            "--max-num-seqs", str(args.concurrency), "--log-level", "warning",
            "--model-name", "bench", "--engine-process", str(not thread).lower()]
+    cmd += ["--compile"] if args.compile else []
     with server_process(cmd, url, args.threads, "/health") as proc:
         results, seconds, cpu = asyncio.run(closed_loop(url, "bench", texts, args, tokenizer, proc.pid))
     return summarize("lmstack serve" + (", engine in a thread" if thread else ""), results, seconds, cpu)
@@ -266,11 +275,13 @@ def run_engine(model_dir: Path, texts, args, tokenizer) -> dict:
     from lmstack.infer import LLM, SamplingParams
 
     torch.set_num_threads(args.threads)
-    llm = LLM(model_dir, max_num_seqs=args.concurrency)
+    llm = LLM(model_dir, max_num_seqs=args.concurrency, compile=args.compile)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     ids = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": t}],
                                                          add_generation_prompt=True)) for t in texts]
     llm.generate(ids[:1], params)  # warm-up
+    for _ in range(args.warmup_waves):
+        llm.generate(ids[:args.concurrency], params)
     pending, live, results = list(reversed(ids)), {}, []
     start, cpu = time.perf_counter(), cpu_seconds()
     while pending or live:

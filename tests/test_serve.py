@@ -499,6 +499,15 @@ def test_a_loader_that_cannot_reach_the_engine_process_fails_clearly(caplog):
     assert "functools.partial(LLM, path, ...)" in caplog.text and "engine_process=False" in caplog.text
 
 
+def test_a_model_that_fails_to_load_in_the_engine_process_stops_the_server(tmp_path, caplog):
+    app = build_app(functools.partial(LLM, str(tmp_path / "missing")), ServeConfig(port=free_port()), NAME)
+    thread = threading.Thread(target=server(app, log_level="critical").run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive() and app.state.lmstack.status == "failed"
+    assert "loading the model failed in the engine process" in caplog.text and "missing" in caplog.text
+
+
 def _status(url: str) -> int | None:
     with contextlib.suppress(httpx.HTTPError):
         return httpx.get(url).status_code

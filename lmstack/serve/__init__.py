@@ -20,8 +20,9 @@ from lmstack.serve.config import ServeConfig
 __all__ = ["ServeConfig", "build_app", "run", "server"]
 
 
-# The engine thread gives up the GIL at every torch op and must win it back from the HTTP
-# thread after each one; Python's default 5 ms switch interval lets that wait stretch a step.
+# A thread that gives up the GIL (the engine thread with engine_process=False, at every torch
+# op; the engine process's pipe reader, at every message) must win it back from the event loop;
+# Python's default 5 ms switch interval lets that wait stretch a step or delay its outputs.
 GIL_SWITCH_S = 0.001
 
 

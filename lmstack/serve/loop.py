@@ -349,8 +349,9 @@ class ProcessEngine(EngineLoop):
         try:
             kind, detail = await asyncio.to_thread(self._from_core.recv)
         except EOFError:
+            self._process.join(5)
             raise RuntimeError(f"the engine process exited while loading (code "
-                               f"{self._process.join(5) or self._process.exitcode})") from None
+                               f"{self._process.exitcode})") from None
         if kind != "ready":
             raise RuntimeError(f"loading the model failed in the engine process: {detail}")
         self._ready = True

@@ -1,5 +1,5 @@
 """`lmstack serve` end to end: the real server on a free loopback port (uvicorn in a thread,
-the engine in its own process, or in a thread where a test reaches into it), driven by the
+the engine in its own process, or in a thread where a test builds the engine itself), driven by the
 official `openai` client and raw HTTP for bad input. The model is a tiny random Llama whose
 embedding is wider than its tokenizer (padding ids)."""
 
@@ -56,7 +56,7 @@ class Running:
 
     @property
     def engine(self):
-        """The server's EngineLoop (a ThreadEngine's `llm` is the engine itself)."""
+        """The server's EngineLoop (ProcessEngine or ThreadEngine)."""
         return self.app.state.lmstack.loop
 
     def client(self, **kw) -> openai.OpenAI:
@@ -383,16 +383,20 @@ def test_outputs_sent_from_the_engine_process_assemble_to_the_engine_outputs(mod
              ("hello world", SamplingParams(max_tokens=20, temperature=0.9, seed=1, stop=["e", "o"])),
              ("stop here", SamplingParams(max_tokens=1, temperature=0)),
              ("the lazy dog", SamplingParams(max_tokens=16, temperature=0.7, seed=2, logprobs=0))]
-    assembler, seen = Assembler(), 0
+    assembler, seen, ends, ids = Assembler(), 0, {}, []
     for text, params in cases:
         prompt = tok.encode(text)
-        assembler.begin(llm.add_request(prompt, params), prompt)
+        ids.append(llm.add_request(prompt, params))
+        assembler.begin(ids[-1], prompt)
     while llm.has_unfinished():
         for out in llm.step():
             sent = pickle.loads(pickle.dumps(WireOutput.of(out)))
             assert assembler.output(sent) == out
             seen += 1
+            if out.finished:
+                ends[out.request_id] = out.stop_reason
     assert seen > len(cases)
+    assert ends[ids[1]] in ("e", "o")  # the stop-string case did stop on one
 
 
 def test_dropped_streams_leave_no_sequence_or_block(slow_srv):

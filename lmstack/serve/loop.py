@@ -6,7 +6,7 @@ server-sent events) and the engine's (scheduling, module calls) then run on two 
 of taking turns on one GIL, where the engine, which gives the GIL up at every torch op, waits
 for it after each one while the handlers are busy. `ThreadEngine` runs the core in a thread of
 the server's process, for a model that is built in the caller's process (a `load` that cannot
-be sent to another one) and for tests that reach into the engine.
+be sent to another one).
 
 Handlers never touch the engine. They `submit` requests (the core validates and queues them
 between steps; the handler awaits the answer), `abort` them, and ask for prompt logprobs or the
@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lmstack.infer import LLM, RequestOutput, SamplingParams, TokenLogprob
+from lmstack.infer import LLM, RequestMetrics, RequestOutput, SamplingParams, TokenLogprob
 from lmstack.infer.structured import Constraint
 from lmstack.serve.metrics import ServerMetrics
 
@@ -122,16 +122,12 @@ class EngineCore:
             outs = [out for r in message[1] if (out := self.llm.abort(r)) is not None]
             self.emit(("aborted", outs, engine_stats(self.llm)))
             return
+        answer = {"add": lambda subs: self._add_all(subs),
+                  "score": lambda prompt, n: self.llm.prompt_logprobs(prompt, n),
+                  "stats": lambda: engine_stats(self.llm)}[kind]  # another kind is a bug: "failed"
         call = message[1]
         try:
-            if kind == "add":
-                result = self._add_all(message[2])
-            elif kind == "score":
-                result = self.llm.prompt_logprobs(*message[2:])
-            elif kind == "stats":
-                result = engine_stats(self.llm)
-            else:
-                raise ValueError(f"unknown message {kind!r}")
+            result = answer(*message[2:])
         except ValueError as e:  # the engine refused the request: the handler answers 400
             self.emit(("reply", call, None, e))
         else:
@@ -267,22 +263,21 @@ class EngineLoop:
 
 
 class ThreadEngine(EngineLoop):
-    """The core in a thread of the server's process (`llm` is the engine itself)."""
+    """The core in a thread of the server's process."""
 
     def __init__(self, metrics: ServerMetrics):
         super().__init__(metrics)
-        self.llm: LLM | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
     async def start(self, load: Callable[[], LLM]) -> EngineInfo:
         self._events = asyncio.get_running_loop()
-        self.llm = await asyncio.to_thread(load)
-        core = EngineCore(self.llm, lambda m: self._events.call_soon_threadsafe(self._on_message, m))
+        llm = await asyncio.to_thread(load)
+        core = EngineCore(llm, lambda m: self._events.call_soon_threadsafe(self._on_message, m))
         self._thread = threading.Thread(target=core.run, args=(self._inbox,), name="lmstack-engine",
                                         daemon=True)
         self._thread.start()
-        return EngineInfo.of(self.llm)
+        return EngineInfo.of(llm)
 
     def stop(self) -> None:
         self._inbox.put(("stop",))
@@ -409,7 +404,7 @@ class WireOutput:
     delta_logprobs: list[TokenLogprob] | None
     finished: bool
     finish_reason: str | None
-    metrics: object  # RequestMetrics
+    metrics: RequestMetrics
     stop_reason: str | int | None
 
     @classmethod

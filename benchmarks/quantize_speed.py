@@ -65,8 +65,7 @@ def quantized(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
 def read_bytes(model: torch.nn.Module) -> int:
     """Bytes one decode step reads: everything but the embedding table (one row of it is read),
     unless the head shares it."""
-    emb = model.embed_tokens.weight
-    return resident_bytes(model) - (0 if model.config.tie_embeddings else emb.numel() * emb.element_size())
+    return resident_bytes(model) - (0 if model.config.tie_embeddings else resident_bytes(model.embed_tokens))
 
 
 def prefill_rate(llm: LLM, length: int) -> float:

@@ -23,10 +23,11 @@ from lmstack.compress import (
     resident_bytes,
     rtn_int4,
     rtn_int8,
+    rtn_int8_embedding,
     save_quantized,
 )
 from lmstack.infer import LLM, SamplingParams
-from lmstack.kernels import Int4Linear, Int8Linear
+from lmstack.kernels import Int4Linear, Int8Embedding, Int8Linear
 from lmstack.kernels import quantized as qk
 from lmstack.model import ModelConfig, Tokenizer, Transformer, generate
 from lmstack.model.cpu import cpu_flags
@@ -224,11 +225,12 @@ def test_saved_and_reloaded_quantized_model_gives_identical_logits(method, dtype
     again = load_quantized(tmp_path / "q")
     section = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
     assert section == {"method": method, "bits": 8 if method == "int8" else 4,
-                       "group_size": None if method == "int8" else 32, "kept": []}
+                       "group_size": None if method == "int8" else 32, "kept": [], "embedding": "int8"}
     tokens = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
         assert torch.equal(again(tokens), model(tokens))
-    assert again.embed_tokens.weight.dtype == dtype
+    assert isinstance(again.embed_tokens, Int8Embedding) and again.embed_tokens.scales.dtype == dtype
+    assert again.norm.weight.dtype == dtype
     kind = Int8Linear if method == "int8" else Int4Linear
     assert isinstance(again.layers[1].mlp.down_proj, kind)
 
@@ -242,20 +244,59 @@ def test_loading_builds_on_meta_and_never_makes_float_weights(tmp_path, monkeypa
     monkeypatch.setattr(Transformer, "build", refuse)
     monkeypatch.setattr(Transformer, "init_weights", refuse)
     model = load_quantized(tmp_path / "q")
-    big = [n for n, t in model.state_dict().items() if t.is_floating_point() and t.dim() == 2
-           and "embed" not in n]
-    assert all(n.endswith((".scales", ".zeros")) for n in big), big
+    big = [n for n, t in model.state_dict().items() if t.is_floating_point() and t.dim() == 2]
+    assert all(n.endswith((".scales", ".zeros")) for n in big), big  # the token table too
 
 
 def test_int4_resident_bytes_are_about_a_quarter_of_bf16_on_cpu():
     model = tiny(dim=256, hidden_dim=512, n_heads=4, n_kv_heads=2, vocab_size=256).to(torch.bfloat16)
     linears = sum(m.weight.numel() for m in model.modules() if type(m) is nn.Linear)
+    table = model.embed_tokens.weight
     before = resident_bytes(model)
     quantize_(model, "int4", group_size=128, progress=False)
     saved = before - resident_bytes(model)
     # 2 bytes per weight -> half a byte and 2 x 2 bytes per 128 for scales and zeros, one copy
-    # each; the kernel's scales-and-zeros side by side are another 4 bytes per 128
-    assert saved == pytest.approx(linears * (2 - 0.5 - 8 / 128), rel=1e-3)
+    # each; the kernel's scales-and-zeros side by side are another 4 bytes per 128; the token
+    # table 2 bytes per weight -> 1, plus a 2-byte scale per row
+    expected = linears * (2 - 0.5 - 8 / 128) + table.numel() * (2 - 1) - 2 * table.shape[0]
+    assert saved == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_embedding_looks_up_its_dequantized_rows_within_half_a_step_of_float(dtype):
+    torch.manual_seed(0)
+    table = nn.Embedding(300, 48).to(dtype)
+    table.weight.data[7] *= 50  # a row of its own range: scales are per row
+    q = rtn_int8_embedding(table)
+    ids = torch.randint(0, 300, (3, 11))
+    ids[0, 0] = 7
+    got = q(ids)
+    assert got.dtype == dtype and got.shape == (3, 11, 48)
+    assert torch.equal(got, q.dequantize(dtype)[ids])
+    step, want = q.scales.float()[ids, None], table(ids).detach().float()
+    # half a code step, plus the rounding of the product to dtype (half its spacing)
+    rounding = got.float().abs() * torch.finfo(dtype).eps / 2
+    assert ((got.float() - want).abs() <= step / 2 + rounding + 1e-7).all()
+    assert not ((got.float() - want).abs() <= step / 4).all()  # the codes are coarser than float
+    with pytest.raises(IndexError):
+        q(torch.tensor([300]))
+
+
+def test_the_token_table_is_int8_unless_tied_or_asked_to_stay_float(tmp_path):
+    untied = tiny()
+    quantize_(untied, "int4", group_size=32, progress=False, embedding="float")
+    assert type(untied.embed_tokens) is nn.Embedding and describe(untied)["embedding"] == "float"
+    save_quantized(untied, tmp_path / "float-table")
+    assert type(load_quantized(tmp_path / "float-table").embed_tokens) is nn.Embedding
+    tied = tiny(tie_embeddings=True)
+    quantize_(tied, "int8", progress=False)
+    assert type(tied.embed_tokens) is nn.Embedding and describe(tied)["embedding"] == "float"
+    tokens = torch.randint(0, 256, (1, 12))
+    save_quantized(tied, tmp_path / "tied")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "tied")(tokens), tied(tokens))
+    with pytest.raises(ValueError, match="--embedding"):
+        quantize_(tiny(), "int8", embedding="int4")
 
 
 def test_a_group_size_that_does_not_divide_keeps_the_layer_in_float(tmp_path):
@@ -281,6 +322,10 @@ def test_quantize_refuses_bad_input():
         quantize_(tiny(), "int4", group_size=48)
     with pytest.raises(ValueError, match="already quantized.*float model"):
         quantize_(quantized("int8"), "int4")
+    table_only = tiny()
+    table_only.embed_tokens = rtn_int8_embedding(table_only.embed_tokens)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_(table_only, "int8")
 
 
 def _edit_config(directory, **changes):
@@ -292,7 +337,8 @@ def _edit_config(directory, **changes):
 def test_a_quantized_directory_whose_config_and_tensors_disagree_is_refused(tmp_path):
     model = quantized("int4")
     for name, edit in [("group", dict(group_size=64)), ("bits", dict(bits=8)),
-                       ("kept", dict(kept=["lm_head"]))]:
+                       ("kept", dict(kept=["lm_head"])), ("table", dict(embedding="float")),
+                       ("table-kind", dict(embedding="int4"))]:
         save_quantized(model, tmp_path / name)
         _edit_config(tmp_path / name, **edit)
         with pytest.raises(ValueError, match="lmstack quantize"):

@@ -4,13 +4,15 @@
     lmstack quantize runs/demo --method int4 --group-size 64 --out runs/demo-int4
     lmstack quantize path/to/hf-model --method gptq-int4 --calibration data/prepared --out q4/
     lmstack quantize runs/demo --method gptq-int4 --calibration notes.txt --damp 0.05 --out q4/
+    lmstack quantize runs/demo --method int4 --embedding float --out runs/demo-int4-float-table
 
 MODEL is an HF model directory, an lmstack checkpoint directory or a run directory (its newest
 checkpoint). --calibration (read by gptq-int4 only) is a prepared shards directory (`lmstack
 prepare`; its train split) or a text file, tokenized with MODEL's tokenizer. OUT holds the
 quantized weights, config.json and the tokenizer; `lmstack generate OUT`, `lmstack sample OUT`
 and `LLM(OUT)` load it. Reports resident weight bytes before and after, the peak memory of this
-process, and how much loading MODEL and OUT raises the peak memory of a fresh process.
+process, and how much loading MODEL and OUT raises the peak memory of a fresh process. An
+untied token embedding table is stored int8 per row by every method (--embedding float keeps it).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class QuantizeArgs:
     """gptq-int4: columns quantized between lazy updates of the rest."""
     damp: float = 0.01
     """gptq-int4: fraction of the Hessian's mean diagonal added to it."""
+    embedding: Literal["int8", "float"] = "int8"
+    """The token embedding table: int8 per row, or left in float (a tied table always is)."""
     tokenizer: str | None = None
     """Tokenizer directory; none: MODEL's tokenizer.json, else the run's tokenizer/."""
     device: str = "cpu"
@@ -86,7 +90,8 @@ def quantize(model_path: str, args: QuantizeArgs) -> Path:
     model = load_model(directory, args.device, parse_dtype(args.dtype))
     before = resident_bytes(model)
     batches = _calibration(args, tokenizer, model) if args.method == "gptq-int4" and args.calibration else None
-    kept = quantize_(model, args.method, args.group_size, batches, args.block_size, args.damp)
+    kept = quantize_(model, args.method, args.group_size, batches, args.block_size, args.damp,
+                     embedding=args.embedding)
     after = resident_bytes(model)
     out = save_quantized(model, args.out, tokenizer, method=args.method)
     print(f"{args.method}: kept in float: {kept or 'none'}")

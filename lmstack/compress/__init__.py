@@ -15,8 +15,15 @@ from lmstack.compress.checkpoint import (
     save_quantized,
 )
 from lmstack.compress.distill import DistillConfig, distillation_loss, kl_sum
-from lmstack.compress.quantize import METHODS, gptq_int4, quantize_, rtn_int4, rtn_int8
+from lmstack.compress.quantize import (
+    METHODS,
+    gptq_int4,
+    quantize_,
+    rtn_int4,
+    rtn_int8,
+    rtn_int8_embedding,
+)
 
 __all__ = ["METHODS", "DistillConfig", "describe", "distillation_loss", "gptq_int4",
            "is_quantized_dir", "kl_sum", "load_quantized", "quantize_", "resident_bytes", "rtn_int4",
-           "rtn_int8", "save_quantized"]
+           "rtn_int8", "rtn_int8_embedding", "save_quantized"]

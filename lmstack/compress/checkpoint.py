@@ -2,10 +2,12 @@
 
 A quantized directory holds
   model.safetensors    the quantized model's state_dict: for each quantized linear its integer
-                       codes (`qweight`), `scales` and `zeros` (int4), and `bias`; the rest
-                       (embeddings, norms, linears kept in float) as they were
+                       codes (`qweight`), `scales` and `zeros` (int4), and `bias`; an int8 token
+                       table's `qweight` and `scales`; the rest (norms, a float or tied table,
+                       linears kept in float) as they were
   config.json          the ModelConfig, as lmstack checkpoints store it, plus a `quantization`
-                       section: {"method", "bits", "group_size", "kept": [linears left in float]}
+                       section: {"method", "bits", "group_size", "kept": [linears left in float],
+                       "embedding": "int8" or "float" (a directory without the key: float)}
   tokenizer files      tokenizer.json and its config, when a tokenizer was given
 It is written into a temporary directory that is then renamed, so a crash never leaves half a
 directory under the final name. `lmstack.infer.loading.load_model` recognises the section, so
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmstack.kernels import QUANTIZED_LINEARS, Int4Linear, Int8Linear, swap_linears
+from lmstack.kernels import QUANTIZED_LINEARS, Int4Linear, Int8Embedding, Int8Linear, swap_linears
 from lmstack.kernels.packed import PLAIN_LINEARS
 from lmstack.model import weights
 from lmstack.model.config import ModelConfig
@@ -34,7 +36,8 @@ REQUANTIZE = "re-run `lmstack quantize` to write the directory again"
 
 
 def describe(model: nn.Module, method: str | None = None) -> dict:
-    """The `quantization` section of a quantized model: method, bits, group size, kept linears."""
+    """The `quantization` section of a quantized model: method, bits, group size, kept linears,
+    the token table's format."""
     quantized = [m for m in model.modules() if isinstance(m, QUANTIZED_LINEARS)]
     if not quantized:
         raise ValueError("the model has no quantized linears; quantize it first "
@@ -45,7 +48,9 @@ def describe(model: nn.Module, method: str | None = None) -> dict:
                          "size); a quantized directory holds one kind")
     (bits, group_size), = kinds
     kept = [name for name, m in model.named_modules() if type(m) in PLAIN_LINEARS]
-    return {"method": method or f"int{bits}", "bits": bits, "group_size": group_size, "kept": kept}
+    embedding = "int8" if isinstance(model.embed_tokens, Int8Embedding) else "float"
+    return {"method": method or f"int{bits}", "bits": bits, "group_size": group_size, "kept": kept,
+            "embedding": embedding}
 
 
 def save_quantized(model: nn.Module, out: str | Path, tokenizer=None,
@@ -107,17 +112,23 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu",
 
 def empty_quantized(config: ModelConfig, section: dict) -> Transformer:
     """The Transformer of `config` on the meta device, with empty quantized linears in place of
-    every linear the section does not keep."""
+    every linear the section does not keep (and an empty int8 token table, if it says so)."""
     bits, group_size, kept = section["bits"], section["group_size"], set(section["kept"])
+    embedding = section.get("embedding", "float")
     if bits not in (4, 8):
         raise ValueError(f"bits={bits}: lmstack stores 8- or 4-bit weights")
+    if embedding not in ("int8", "float") or embedding == "int8" and config.tie_embeddings:
+        raise ValueError(f"embedding={embedding!r}: a table is int8 (untied) or float")
     with torch.device("meta"):
         model = Transformer(config)
         linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
         if kept - set(linears):
             raise ValueError(f"kept names {sorted(kept - set(linears))} are not linears of the model")
         empty = {m: _empty_linear(m, bits, group_size) for name, m in linears.items() if name not in kept}
-    swap_linears(model, {nn.Linear: lambda m: empty.get(m, m)})
+        table = model.embed_tokens
+        if embedding == "int8":
+            empty[table] = Int8Embedding(table.num_embeddings, table.embedding_dim)
+    swap_linears(model, {nn.Linear: lambda m: empty.get(m, m), nn.Embedding: lambda m: empty.get(m, m)})
     return model
 
 

@@ -4,9 +4,11 @@
     kept = quantize_(model, "gptq-int4", calibration=[tokens, ...])   # (B, T) token batches
 
 Every nn.Linear (the projections and an untied output head) is replaced through
-`lmstack.kernels.swap_linears` by a `kernels` Int8Linear / Int4Linear; embeddings, norms and a
-tied head stay in float. A linear whose input width the int4 group size does not divide stays
-in float, with a warning; `quantize_` returns the names of such linears.
+`lmstack.kernels.swap_linears` by a `kernels` Int8Linear / Int4Linear, and an untied token
+embedding table by an Int8Embedding (int8 per row, whatever the method: `embedding="float"`
+keeps it); norms and a tied table (which is the output head too) stay in float. A linear whose
+input width the int4 group size does not divide stays in float, with a warning; `quantize_`
+returns the names of such linears.
 
 Both int4 methods produce the same codes, scales and zeros (w = (q - 8) * scale + zero per
 group of inputs), so one Int4Linear serves both:
@@ -29,36 +31,43 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmstack.kernels import QUANTIZED_LINEARS, Int4Linear, Int8Linear, swap_linears
+from lmstack.kernels import QUANTIZED_LINEARS, Int4Linear, Int8Embedding, Int8Linear, swap_linears
 from lmstack.kernels.packed import PLAIN_LINEARS
 from lmstack.kernels.quantized import INT4_GROUP_SIZES, KERNEL_DTYPE
 
 METHODS = ("int8", "int4", "gptq-int4")
+EMBEDDINGS = ("int8", "float")
 
 
 def quantize_(model: nn.Module, method: str, group_size: int = 128,
               calibration: Iterable[torch.Tensor] | None = None, block_size: int = 128,
-              damp: float = 0.01, progress: bool = True) -> list[str]:
+              damp: float = 0.01, progress: bool = True, embedding: str = "int8") -> list[str]:
     """Replace the model's linears by quantized ones, in place; return the names kept in float.
 
     calibration: (B, T) token batches for GPTQ (read once per Transformer block).
     block_size: GPTQ's columns per lazy update, rounded up to a multiple of group_size.
     damp: GPTQ adds damp * mean(diag H) to H's diagonal, which keeps its inverse stable.
+    embedding: "int8" (an untied token table as Int8Embedding) or "float" (left as it is).
     """
     _check(model, method, group_size, calibration, damp)
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding={embedding!r}: choose int8 or float (--embedding)")
     kept = _kept(model, method, group_size)
     if method == "gptq-int4":
         _gptq_model(model, list(calibration), group_size, block_size, damp, kept, progress)
     else:
         make = rtn_int8 if method == "int8" else functools.partial(rtn_int4, group_size=group_size)
         _swap(model, {m: make(m) for name, m in _plain_linears(model) if name not in kept})
+    table = model.embed_tokens
+    if embedding == "int8" and not model.config.tie_embeddings and type(table) is nn.Embedding:
+        swap_linears(model, {nn.Embedding: lambda m: rtn_int8_embedding(m) if m is table else m})
     return kept
 
 
 def _check(model: nn.Module, method: str, group_size: int, calibration, damp: float) -> None:
     if method not in METHODS:
         raise ValueError(f"method={method!r}: choose one of {', '.join(METHODS)} (--method)")
-    done = [name for name, m in model.named_modules() if isinstance(m, QUANTIZED_LINEARS)]
+    done = [name for name, m in model.named_modules() if isinstance(m, (*QUANTIZED_LINEARS, Int8Embedding))]
     if done:
         raise ValueError(f"the model is already quantized ({len(done)} quantized linears, e.g. "
                          f"{done[0]}); quantize the float model it came from instead")
@@ -94,13 +103,23 @@ def _swap(module: nn.Module, replacements: dict[nn.Module, nn.Module]) -> None:
 
 # ----------------------------------------------------------------------------- round to nearest
 
-def rtn_int8(linear: nn.Linear) -> Int8Linear:
-    """Symmetric int8 per output channel: scale = max |w| / 127 (in the weight's dtype)."""
-    w = linear.weight.detach().float()
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (N, K) -> codes (N, K) int8 and scales (N,) = max |w| / 127
+    (in the weight's dtype)."""
+    w = weight.detach().float()
     scales = _grid_value((w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny),
-                         linear.weight.dtype)
-    codes = (w / scales.float()[:, None]).round().clamp(-127, 127)
-    return Int8Linear.from_codes(codes.to(torch.int8), scales, linear.bias)
+                         weight.dtype)
+    return (w / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8), scales
+
+
+def rtn_int8(linear: nn.Linear) -> Int8Linear:
+    """Symmetric int8 per output channel."""
+    return Int8Linear.from_codes(*int8_rows(linear.weight), linear.bias)
+
+
+def rtn_int8_embedding(table: nn.Embedding) -> Int8Embedding:
+    """Symmetric int8 per row (token) of an embedding table."""
+    return Int8Embedding.from_codes(*int8_rows(table.weight))
 
 
 def group_grid(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

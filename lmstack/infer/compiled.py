@@ -47,7 +47,7 @@ from enum import Enum
 
 import torch
 
-from lmstack.kernels import graph_view
+from lmstack.kernels import activation_like, graph_view
 
 # inductor options for frozen decode steps; on CPU the C++ GEMM template only (autotuning
 # against oneDNN benchmarks both with the weights in cache and picks oneDNN's, which is slower
@@ -153,7 +153,7 @@ class CompiledDecode:
     def __init__(self, model: torch.nn.Module, probe_steps: int = 3,
                  max_frozen_rows: int | None = None):
         self.model = model
-        weight = model.embed_tokens.weight
+        weight = activation_like(model)
         self.on_cpu = weight.device.type == "cpu"
         self.max_frozen_rows = frozen_max_rows(weight.dtype) if max_frozen_rows is None else max_frozen_rows
         """Steps of more rows run the PACKED variant (CPU); default: frozen_max_rows."""

@@ -31,7 +31,7 @@ from lmstack.infer.scheduler import ScheduledBatch, Scheduler
 from lmstack.infer.sequence import FinishReason, Sequence
 from lmstack.infer.speculative import SpeculativeDecoder
 from lmstack.infer.structured import Constraint
-from lmstack.kernels import CPU_PACKED, swap_linears
+from lmstack.kernels import CPU_PACKED, activation_like, swap_linears
 from lmstack.kernels.packed import PackedWeight
 from lmstack.model.paged import PagedKVCache
 
@@ -395,7 +395,7 @@ def _with_kernels(model: torch.nn.Module, cfg: EngineConfig) -> torch.nn.Module:
     """The model with the CPU kernels swapped in (in place; the same Parameters), if asked and
     oneDNN can pack its weights (CPU fp32, or bf16 with native bf16 instructions): otherwise the
     kernels would only add their checks to every call."""
-    if cfg.pack_weights and PackedWeight.supports(model.embed_tokens.weight):
+    if cfg.pack_weights and PackedWeight.supports(activation_like(model)):
         swap_linears(model, CPU_PACKED)
     return model
 
@@ -412,7 +412,7 @@ def _make_speculator(runner: ModelRunner, cfg: EngineConfig, max_model_len: int,
 
 
 def _make_kv_cache(model, cfg: EngineConfig, max_model_len: int) -> PagedKVCache:
-    emb = model.embed_tokens.weight  # the activation dtype, even when linear layers are quantized
+    emb = activation_like(model)
     num_blocks = cfg.num_blocks
     if num_blocks is None:
         budget = cfg.kv_budget_bytes or _default_kv_budget(model, cfg, max_model_len, emb)

@@ -18,7 +18,7 @@ from lmstack.infer.scheduler import ScheduledBatch
 from lmstack.infer.sequence import Sequence
 from lmstack.infer.step import StepRow, prepare_step, split_decodes
 from lmstack.infer.structured import Constraint
-from lmstack.kernels import drop_copies
+from lmstack.kernels import activation_like, drop_copies
 from lmstack.model.paged import PagedKVCache
 
 
@@ -39,7 +39,7 @@ class ModelRunner:
         self.compile_cache, self.compile_options = compile_cache, compile_options
         self.decode = compile_cache.get(model, **compile_options) if compile_cache else None
         """The compiled decode steps; None: eager only."""
-        self.device = model.embed_tokens.weight.device
+        self.device = activation_like(model).device
         self.vocab_size = model.config.vocab_size
         self.generator = torch.Generator(self.device).manual_seed(seed)  # rows without a seed
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> the request's own

@@ -21,6 +21,7 @@ from lmstack.infer.sampling import BatchSampling, exponential_noise, sampling_pr
 from lmstack.infer.scheduler import ScheduledBatch
 from lmstack.infer.sequence import Sequence
 from lmstack.infer.step import StepRow
+from lmstack.kernels import activation_like
 from lmstack.model.paged import PagedKVCache
 
 
@@ -109,7 +110,7 @@ class SpeculativeDecoder:
                              f"differs from the target's ({target.config.vocab_size}); use a "
                              "draft trained with the same tokenizer")
         self.runner, self.k = runner, k
-        emb = target.embed_tokens.weight
+        emb = activation_like(target)
         draft = draft.to(device=emb.device, dtype=emb.dtype).eval()
         c, kv = draft.config, runner.kv
         draft_kv = PagedKVCache(c.n_layers, kv.num_blocks, kv.block_size, c.n_kv_heads,

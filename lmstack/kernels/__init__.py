@@ -23,7 +23,7 @@ from lmstack.kernels.packed import (
     drop_copies,
     graph_view,
 )
-from lmstack.kernels.quantized import Int4Linear, Int8Linear, QuantizedLinear
+from lmstack.kernels.quantized import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
 from lmstack.model.transformer import Fanout, TiedHead
 
 Policy = dict[type, Callable[[nn.Module], nn.Module]]
@@ -38,6 +38,12 @@ QUANTIZED_LINEARS = (Int8Linear, Int4Linear)
 """Weight-only quantized stand-ins for nn.Linear (lmstack.kernels.quantized)."""
 
 
+def activation_like(model: nn.Module):
+    """A tensor of the dtype and device the model computes in: its final norm's weight, which
+    no kernel replaces (quantization leaves the linears and the embedding table integer codes)."""
+    return model.norm.weight
+
+
 def swap_linears(model: nn.Module, policy: Policy) -> int:
     """Replace, in place, every module whose exact type the policy names; return how many."""
     found = [(owner, name, child) for owner in model.modules()
@@ -47,5 +53,5 @@ def swap_linears(model: nn.Module, policy: Policy) -> int:
     return len(found)
 
 
-__all__ = ["CPU_PACKED", "FUSED", "QUANTIZED_LINEARS", "Int4Linear", "Int8Linear", "Policy",
-           "QuantizedLinear", "drop_copies", "graph_view", "swap_linears"]
+__all__ = ["CPU_PACKED", "FUSED", "QUANTIZED_LINEARS", "Int4Linear", "Int8Embedding", "Int8Linear", "Policy",
+           "QuantizedLinear", "activation_like", "drop_copies", "graph_view", "swap_linears"]

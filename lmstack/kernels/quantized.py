@@ -421,3 +421,39 @@ def _to_cuda_order(codes: torch.Tensor) -> torch.Tensor:
     inner = next(t for t in (8, 4, 2) if K % (16 * t) == 0)
     pairs = codes.to(torch.uint8).unflatten(-1, (-1, 2))
     return torch._convert_weight_to_int4pack((pairs[..., 0] << 4) | pairs[..., 1], inner)
+
+
+class Int8Embedding(nn.Module):
+    """nn.Embedding's lookup over int8 codes with one symmetric scale per row (token): a row is
+    dequantized when a token looks it up, so the float table never exists. A decode step reads
+    one row per token, so the table's bytes are memory, not time; int8 keeps the rows within
+    half a code step of the float ones (int4 groups would cost quality for a table this
+    accurate for free). It holds no `weight`: under the embedding's own name
+        <name>.qweight  int8 (V, C) codes, row v = q * scales[v], q in [-127, 127]
+        <name>.scales   (V,) in the model's float dtype
+    (V tokens, C the model width). A tied table stays nn.Embedding: it is the output head too."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(num_embeddings, dtype=dtype, device=device))
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor) -> Int8Embedding:
+        """From (V, C) int8 codes and (V,) scales (the module takes these tensors)."""
+        with torch.device("meta"):
+            m = cls(codes.shape[0], codes.shape[1], dtype=scales.dtype)
+        m.qweight, m.scales = codes.to(torch.int8), scales
+        return m
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.qweight).to(self.scales.dtype) * F.embedding(ids, self.scales[:, None])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (V, C) float table these codes stand for."""
+        return self.qweight.to(dtype) * self.scales[:, None].to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lmstack.compress import quantize_
+from lmstack.compress import describe, quantize_
 from lmstack.data import TokenStream
 from lmstack.model import load_hf
 from lmstack.train.loop import evaluate, perplexity
@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration-batches", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--embedding", choices=["int8", "int4", "float"],
+                   help="the token table's format (int4 is for the int4 methods; default: each "
+                        "method's bits, as `lmstack quantize` does)")
     return p.parse_args(argv)
 
 
@@ -65,15 +68,22 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             kept = quantize_(model, method, group_size=args.group_size,
                              calibration=calibration if method == "gptq-int4" else None,
-                             progress=False)
+                             progress=False, embedding=_table(args.embedding, method))
             seconds = time.perf_counter() - start
             ppl[method] = perplexity(evaluate(model, val))
             names = sorted({name.rsplit(".", 1)[-1] for name in kept})
-            print(f"  {run.name} {method}: quantized in {seconds:.1f} s; kept in bf16: {len(kept)} "
-                  f"linears {names} (the group size does not divide their inputs)", flush=True)
+            table = describe(model)["embedding"]
+            print(f"  {run.name} {method}: quantized in {seconds:.1f} s; token table {table}; kept in "
+                  f"bf16: {len(kept)} linears {names} (the group size does not divide their inputs)",
+                  flush=True)
         cells = " | ".join(f"{ppl[m]:.3f} ({ppl[m] / ppl['bf16'] - 1:+.2%})" for m in METHODS)
         params = sum(p.numel() for p in base.parameters())
         print(f"| {run.name} | {params / 1e6:.1f}M | {ppl['bf16']:.3f} | {cells} |", flush=True)
+
+
+def _table(embedding: str | None, method: str) -> str | None:
+    """--embedding for this method: an int4 table goes with the int4 methods only (int8 keeps int8)."""
+    return "int8" if embedding == "int4" and method == "int8" else embedding
 
 
 if __name__ == "__main__":

@@ -22,12 +22,13 @@ from lmstack.compress import (
     quantize_,
     resident_bytes,
     rtn_int4,
+    rtn_int4_embedding,
     rtn_int8,
     rtn_int8_embedding,
     save_quantized,
 )
 from lmstack.infer import LLM, SamplingParams
-from lmstack.kernels import Int4Linear, Int8Embedding, Int8Linear
+from lmstack.kernels import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
 from lmstack.kernels import quantized as qk
 from lmstack.model import ModelConfig, Tokenizer, Transformer, generate
 from lmstack.model.cpu import cpu_flags
@@ -225,11 +226,13 @@ def test_saved_and_reloaded_quantized_model_gives_identical_logits(method, dtype
     again = load_quantized(tmp_path / "q")
     section = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
     assert section == {"method": method, "bits": 8 if method == "int8" else 4,
-                       "group_size": None if method == "int8" else 32, "kept": [], "embedding": "int8"}
+                       "group_size": None if method == "int8" else 32, "kept": [],
+                       "embedding": "int8" if method == "int8" else "int4"}
     tokens = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
         assert torch.equal(again(tokens), model(tokens))
-    assert isinstance(again.embed_tokens, Int8Embedding) and again.embed_tokens.scales.dtype == dtype
+    table = Int8Embedding if method == "int8" else Int4Embedding
+    assert isinstance(again.embed_tokens, table) and again.embed_tokens.scales.dtype == dtype
     assert again.norm.weight.dtype == dtype
     kind = Int8Linear if method == "int8" else Int4Linear
     assert isinstance(again.layers[1].mlp.down_proj, kind)
@@ -257,23 +260,26 @@ def test_int4_resident_bytes_are_about_a_quarter_of_bf16_on_cpu():
     saved = before - resident_bytes(model)
     # 2 bytes per weight -> half a byte and 2 x 2 bytes per 128 for scales and zeros, one copy
     # each; the kernel's scales-and-zeros side by side are another 4 bytes per 128; the token
-    # table 2 bytes per weight -> 1, plus a 2-byte scale per row
-    expected = linears * (2 - 0.5 - 8 / 128) + table.numel() * (2 - 1) - 2 * table.shape[0]
+    # table the same without the kernel's copy
+    expected = linears * (2 - 0.5 - 8 / 128) + table.numel() * (2 - 0.5 - 4 / 128)
     assert saved == pytest.approx(expected, rel=1e-3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_int8_embedding_looks_up_its_dequantized_rows_within_half_a_step_of_float(dtype):
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_embedding_looks_up_its_dequantized_rows_within_half_a_step_of_float(bits, dtype):
     torch.manual_seed(0)
-    table = nn.Embedding(300, 48).to(dtype)
-    table.weight.data[7] *= 50  # a row of its own range: scales are per row
-    q = rtn_int8_embedding(table)
+    table = nn.Embedding(300, 64).to(dtype)
+    table.weight.data[7] *= 50  # a row of its own range: scales are per row (per group of it)
+    q = rtn_int8_embedding(table) if bits == 8 else rtn_int4_embedding(table, 32)
     ids = torch.randint(0, 300, (3, 11))
     ids[0, 0] = 7
     got = q(ids)
-    assert got.dtype == dtype and got.shape == (3, 11, 48)
+    assert got.dtype == dtype and got.shape == (3, 11, 64)
     assert torch.equal(got, q.dequantize(dtype)[ids])
-    step, want = q.scales.float()[ids, None], table(ids).detach().float()
+    scales = q.scales.float()[ids]  # (3, 11) or (3, 11, groups)
+    step = scales[..., None] if bits == 8 else scales.repeat_interleave(32, dim=-1)
+    want = table(ids).detach().float()
     # half a code step, plus the rounding of the product to dtype (half its spacing)
     rounding = got.float().abs() * torch.finfo(dtype).eps / 2
     assert ((got.float() - want).abs() <= step / 2 + rounding + 1e-7).all()
@@ -296,7 +302,17 @@ def test_the_token_table_is_int8_unless_tied_or_asked_to_stay_float(tmp_path):
     with torch.no_grad():
         assert torch.equal(load_quantized(tmp_path / "tied")(tokens), tied(tokens))
     with pytest.raises(ValueError, match="--embedding"):
+        quantize_(tiny(), "int8", embedding="int2")
+    with pytest.raises(ValueError, match="--embedding int8 or float"):
         quantize_(tiny(), "int8", embedding="int4")
+    narrow = tiny()  # 64 wide: groups of 128 do not divide it, so the table is int8
+    with pytest.warns(UserWarning, match="stay in float"):
+        quantize_(narrow, "int4", group_size=128, progress=False)
+    assert isinstance(narrow.embed_tokens, Int8Embedding) and describe(narrow)["embedding"] == "int8"
+    int8_table = tiny()
+    quantize_(int8_table, "int4", group_size=32, progress=False, embedding="int8")
+    save_quantized(int8_table, tmp_path / "int8-table")
+    assert isinstance(load_quantized(tmp_path / "int8-table").embed_tokens, Int8Embedding)
 
 
 def test_a_group_size_that_does_not_divide_keeps_the_layer_in_float(tmp_path):
@@ -338,7 +354,7 @@ def test_a_quantized_directory_whose_config_and_tensors_disagree_is_refused(tmp_
     model = quantized("int4")
     for name, edit in [("group", dict(group_size=64)), ("bits", dict(bits=8)),
                        ("kept", dict(kept=["lm_head"])), ("table", dict(embedding="float")),
-                       ("table-kind", dict(embedding="int4"))]:
+                       ("table-bits", dict(embedding="int8")), ("table-kind", dict(embedding="int2"))]:
         save_quantized(model, tmp_path / name)
         _edit_config(tmp_path / name, **edit)
         with pytest.raises(ValueError, match="lmstack quantize"):
@@ -519,3 +535,7 @@ def test_quantize_command_reports_bad_input(checkpoint, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main([*base, "--method", "int5"])
+    assert cli_main([*base, "--method", "int8", "--embedding", "int4"]) == 2
+    assert "--embedding int8 or float" in capsys.readouterr().err
+    assert cli_main([*base, "--method", "int4", "--group-size", "32", "--embedding", "float"]) == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["embedding"] == "float"

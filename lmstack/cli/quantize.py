@@ -12,7 +12,7 @@ prepare`; its train split) or a text file, tokenized with MODEL's tokenizer. OUT
 quantized weights, config.json and the tokenizer; `lmstack generate OUT`, `lmstack sample OUT`
 and `LLM(OUT)` load it. Reports resident weight bytes before and after, the peak memory of this
 process, and how much loading MODEL and OUT raises the peak memory of a fresh process. An
-untied token embedding table is stored int8 per row by every method (--embedding float keeps it).
+untied token embedding table is stored in the method's bits (--embedding chooses otherwise).
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ class QuantizeArgs:
     """gptq-int4: columns quantized between lazy updates of the rest."""
     damp: float = 0.01
     """gptq-int4: fraction of the Hessian's mean diagonal added to it."""
-    embedding: Literal["int8", "float"] = "int8"
-    """The token embedding table: int8 per row, or left in float (a tied table always is)."""
+    embedding: Literal["int8", "int4", "float"] | None = None
+    """An untied token embedding table: int8 per row, int4 in --group-size groups, or float;
+    none: the method's bits (a tied table, the output head too, stays float)."""
     tokenizer: str | None = None
     """Tokenizer directory; none: MODEL's tokenizer.json, else the run's tokenizer/."""
     device: str = "cpu"

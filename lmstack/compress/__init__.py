@@ -20,10 +20,12 @@ from lmstack.compress.quantize import (
     gptq_int4,
     quantize_,
     rtn_int4,
+    rtn_int4_embedding,
     rtn_int8,
     rtn_int8_embedding,
 )
 
 __all__ = ["METHODS", "DistillConfig", "describe", "distillation_loss", "gptq_int4",
            "is_quantized_dir", "kl_sum", "load_quantized", "quantize_", "resident_bytes", "rtn_int4",
+           "rtn_int4_embedding",
            "rtn_int8", "rtn_int8_embedding", "save_quantized"]

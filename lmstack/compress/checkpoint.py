@@ -7,7 +7,8 @@ A quantized directory holds
                        linears kept in float) as they were
   config.json          the ModelConfig, as lmstack checkpoints store it, plus a `quantization`
                        section: {"method", "bits", "group_size", "kept": [linears left in float],
-                       "embedding": "int8" or "float" (a directory without the key: float)}
+                       "embedding": "int8", "int4" (in groups of group_size) or "float" (a
+                       directory without the key: float)}
   tokenizer files      tokenizer.json and its config, when a tokenizer was given
 It is written into a temporary directory that is then renamed, so a crash never leaves half a
 directory under the final name. `lmstack.infer.loading.load_model` recognises the section, so
@@ -24,7 +25,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmstack.kernels import QUANTIZED_LINEARS, Int4Linear, Int8Embedding, Int8Linear, swap_linears
+from lmstack.kernels import (
+    QUANTIZED_LINEARS,
+    Int4Embedding,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    QuantizedEmbedding,
+    swap_linears,
+)
 from lmstack.kernels.packed import PLAIN_LINEARS
 from lmstack.model import weights
 from lmstack.model.config import ModelConfig
@@ -48,7 +57,11 @@ def describe(model: nn.Module, method: str | None = None) -> dict:
                          "size); a quantized directory holds one kind")
     (bits, group_size), = kinds
     kept = [name for name, m in model.named_modules() if type(m) in PLAIN_LINEARS]
-    embedding = "int8" if isinstance(model.embed_tokens, Int8Embedding) else "float"
+    table = model.embed_tokens
+    embedding = f"int{table.bits}" if isinstance(table, QuantizedEmbedding) else "float"
+    if isinstance(table, Int4Embedding) and table.group_size != group_size:
+        raise ValueError(f"the token table's int4 groups ({table.group_size}) differ from the "
+                         f"linears' ({group_size}); a quantized directory holds one group size")
     return {"method": method or f"int{bits}", "bits": bits, "group_size": group_size, "kept": kept,
             "embedding": embedding}
 
@@ -117,8 +130,8 @@ def empty_quantized(config: ModelConfig, section: dict) -> Transformer:
     embedding = section.get("embedding", "float")
     if bits not in (4, 8):
         raise ValueError(f"bits={bits}: lmstack stores 8- or 4-bit weights")
-    if embedding not in ("int8", "float") or embedding == "int8" and config.tie_embeddings:
-        raise ValueError(f"embedding={embedding!r}: a table is int8 (untied) or float")
+    if embedding not in ("int8", "int4", "float") or embedding != "float" and config.tie_embeddings:
+        raise ValueError(f"embedding={embedding!r}: a table is int8 or int4 (untied), or float")
     with torch.device("meta"):
         model = Transformer(config)
         linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
@@ -128,6 +141,8 @@ def empty_quantized(config: ModelConfig, section: dict) -> Transformer:
         table = model.embed_tokens
         if embedding == "int8":
             empty[table] = Int8Embedding(table.num_embeddings, table.embedding_dim)
+        elif embedding == "int4":
+            empty[table] = Int4Embedding(table.num_embeddings, table.embedding_dim, group_size)
     swap_linears(model, {nn.Linear: lambda m: empty.get(m, m), nn.Embedding: lambda m: empty.get(m, m)})
     return model
 

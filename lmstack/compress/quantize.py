@@ -5,8 +5,10 @@
 
 Every nn.Linear (the projections and an untied output head) is replaced through
 `lmstack.kernels.swap_linears` by a `kernels` Int8Linear / Int4Linear, and an untied token
-embedding table by an Int8Embedding (int8 per row, whatever the method: `embedding="float"`
-keeps it); norms and a tied table (which is the output head too) stay in float. A linear whose
+embedding table by an Int8Embedding (int8 methods) or Int4Embedding (int4 ones, RTN in the same
+groups: a table's inputs are one-hot, so GPTQ has nothing to spread errors over);
+`embedding=` chooses otherwise. Norms and a tied table (which is the output head too) stay in
+float. A linear whose
 input width the int4 group size does not divide stays in float, with a warning; `quantize_`
 returns the names of such linears.
 
@@ -31,27 +33,40 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmstack.kernels import QUANTIZED_LINEARS, Int4Linear, Int8Embedding, Int8Linear, swap_linears
+from lmstack.kernels import (
+    QUANTIZED_LINEARS,
+    Int4Embedding,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    QuantizedEmbedding,
+    swap_linears,
+)
 from lmstack.kernels.packed import PLAIN_LINEARS
 from lmstack.kernels.quantized import INT4_GROUP_SIZES, KERNEL_DTYPE
 
 METHODS = ("int8", "int4", "gptq-int4")
-EMBEDDINGS = ("int8", "float")
+EMBEDDINGS = ("int8", "int4", "float")
 
 
 def quantize_(model: nn.Module, method: str, group_size: int = 128,
               calibration: Iterable[torch.Tensor] | None = None, block_size: int = 128,
-              damp: float = 0.01, progress: bool = True, embedding: str = "int8") -> list[str]:
+              damp: float = 0.01, progress: bool = True, embedding: str | None = None) -> list[str]:
     """Replace the model's linears by quantized ones, in place; return the names kept in float.
 
     calibration: (B, T) token batches for GPTQ (read once per Transformer block).
     block_size: GPTQ's columns per lazy update, rounded up to a multiple of group_size.
     damp: GPTQ adds damp * mean(diag H) to H's diagonal, which keeps its inverse stable.
-    embedding: "int8" (an untied token table as Int8Embedding) or "float" (left as it is).
+    embedding: an untied token table's format, "int8", "int4" (in groups of group_size; int8
+    where that does not divide the model width) or "float"; None: the method's bits.
     """
     _check(model, method, group_size, calibration, damp)
+    embedding = embedding or method[-4:]
     if embedding not in EMBEDDINGS:
-        raise ValueError(f"embedding={embedding!r}: choose int8 or float (--embedding)")
+        raise ValueError(f"embedding={embedding!r}: choose one of {', '.join(EMBEDDINGS)} (--embedding)")
+    if embedding == "int4" and method == "int8":
+        raise ValueError("an int4 token table takes the int4 linears' groups: with --method int8 "
+                         "choose --embedding int8 or float")
     kept = _kept(model, method, group_size)
     if method == "gptq-int4":
         _gptq_model(model, list(calibration), group_size, block_size, damp, kept, progress)
@@ -59,15 +74,19 @@ def quantize_(model: nn.Module, method: str, group_size: int = 128,
         make = rtn_int8 if method == "int8" else functools.partial(rtn_int4, group_size=group_size)
         _swap(model, {m: make(m) for name, m in _plain_linears(model) if name not in kept})
     table = model.embed_tokens
-    if embedding == "int8" and not model.config.tie_embeddings and type(table) is nn.Embedding:
-        swap_linears(model, {nn.Embedding: lambda m: rtn_int8_embedding(m) if m is table else m})
+    if embedding != "float" and not model.config.tie_embeddings and type(table) is nn.Embedding:
+        if embedding == "int4" and table.embedding_dim % group_size == 0:
+            new = rtn_int4_embedding(table, group_size)
+        else:
+            new = rtn_int8_embedding(table)
+        swap_linears(model, {nn.Embedding: lambda m: new if m is table else m})
     return kept
 
 
 def _check(model: nn.Module, method: str, group_size: int, calibration, damp: float) -> None:
     if method not in METHODS:
         raise ValueError(f"method={method!r}: choose one of {', '.join(METHODS)} (--method)")
-    done = [name for name, m in model.named_modules() if isinstance(m, (*QUANTIZED_LINEARS, Int8Embedding))]
+    done = [name for name, m in model.named_modules() if isinstance(m, (*QUANTIZED_LINEARS, QuantizedEmbedding))]
     if done:
         raise ValueError(f"the model is already quantized ({len(done)} quantized linears, e.g. "
                          f"{done[0]}); quantize the float model it came from instead")
@@ -120,6 +139,13 @@ def rtn_int8(linear: nn.Linear) -> Int8Linear:
 def rtn_int8_embedding(table: nn.Embedding) -> Int8Embedding:
     """Symmetric int8 per row (token) of an embedding table."""
     return Int8Embedding.from_codes(*int8_rows(table.weight))
+
+
+def rtn_int4_embedding(table: nn.Embedding, group_size: int) -> Int4Embedding:
+    """Asymmetric int4 in groups of group_size values of each row, rounded to nearest."""
+    w = table.weight.detach().float().unflatten(1, (-1, group_size))  # (V, C/G, G)
+    scales, zeros = group_grid(w, table.weight.dtype)
+    return Int4Embedding.from_codes(int4_codes(w, scales, zeros).flatten(1), scales, zeros, group_size)
 
 
 def group_grid(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,14 @@ from lmstack.kernels.packed import (
     drop_copies,
     graph_view,
 )
-from lmstack.kernels.quantized import Int4Linear, Int8Embedding, Int8Linear, QuantizedLinear
+from lmstack.kernels.quantized import (
+    Int4Embedding,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    QuantizedEmbedding,
+    QuantizedLinear,
+)
 from lmstack.model.transformer import Fanout, TiedHead
 
 Policy = dict[type, Callable[[nn.Module], nn.Module]]
@@ -53,5 +60,5 @@ def swap_linears(model: nn.Module, policy: Policy) -> int:
     return len(found)
 
 
-__all__ = ["CPU_PACKED", "FUSED", "QUANTIZED_LINEARS", "Int4Linear", "Int8Embedding", "Int8Linear", "Policy",
-           "QuantizedLinear", "activation_like", "drop_copies", "graph_view", "swap_linears"]
+__all__ = ["CPU_PACKED", "FUSED", "QUANTIZED_LINEARS", "Int4Embedding", "Int4Linear", "Int8Embedding",
+           "Int8Linear", "Policy", "QuantizedEmbedding", "QuantizedLinear", "activation_like", "drop_copies", "graph_view", "swap_linears"]

@@ -423,15 +423,33 @@ def _to_cuda_order(codes: torch.Tensor) -> torch.Tensor:
     return torch._convert_weight_to_int4pack((pairs[..., 0] << 4) | pairs[..., 1], inner)
 
 
-class Int8Embedding(nn.Module):
-    """nn.Embedding's lookup over int8 codes with one symmetric scale per row (token): a row is
-    dequantized when a token looks it up, so the float table never exists. A decode step reads
-    one row per token, so the table's bytes are memory, not time; int8 keeps the rows within
-    half a code step of the float ones (int4 groups would cost quality for a table this
-    accurate for free). It holds no `weight`: under the embedding's own name
-        <name>.qweight  int8 (V, C) codes, row v = q * scales[v], q in [-127, 127]
-        <name>.scales   (V,) in the model's float dtype
-    (V tokens, C the model width). A tied table stays nn.Embedding: it is the output head too."""
+class QuantizedEmbedding(nn.Module):
+    """nn.Embedding's lookup over integer codes: a row is dequantized when a token looks it up,
+    so the float table never exists. A decode step reads one row per token, so a table's bytes
+    are memory, not time. It holds no `weight`, so a tied table (the output head too) stays
+    nn.Embedding. Layouts under the embedding's own name (V tokens, C the model width):
+        Int8Embedding  <name>.qweight int8 (V, C), <name>.scales (V,): row v = q * scales[v]
+        Int4Embedding  <name>.qweight uint8 (V, C/2), <name>.scales and .zeros (V, C/G): as
+                       Int4Linear's file layout, one group of G values of a row per scale
+    """
+
+    bits: int
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows(ids, self.scales.dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (V, C) float table these codes stand for."""
+        return self.rows(torch.arange(self.num_embeddings, device=self.qweight.device), dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int{self.bits}"
+
+
+class Int8Embedding(QuantizedEmbedding):
+    """Symmetric int8 codes, one scale per row (token)."""
+
+    bits = 8
 
     def __init__(self, num_embeddings: int, embedding_dim: int, device=None,
                  dtype: torch.dtype = torch.float32):
@@ -448,12 +466,38 @@ class Int8Embedding(nn.Module):
         m.qweight, m.scales = codes.to(torch.int8), scales
         return m
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.qweight).to(self.scales.dtype) * F.embedding(ids, self.scales[:, None])
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return F.embedding(ids, self.qweight).to(dtype) * F.embedding(ids, self.scales[:, None]).to(dtype)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The (V, C) float table these codes stand for."""
-        return self.qweight.to(dtype) * self.scales[:, None].to(dtype)
 
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+class Int4Embedding(QuantizedEmbedding):
+    """Asymmetric int4 codes in groups of `group_size` values of a row, w = (q - 8) * scale + zero."""
+
+    bits = 4
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int = 128,
+                 device=None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if group_size not in INT4_GROUP_SIZES or embedding_dim % group_size:
+            raise ValueError(f"group_size={group_size} for a table {embedding_dim} wide: choose "
+                             f"one of {INT4_GROUP_SIZES} that divides {embedding_dim}")
+        self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
+        groups = embedding_dim // group_size
+        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(num_embeddings, groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.zeros(num_embeddings, groups, dtype=dtype, device=device))
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   group_size: int) -> Int4Embedding:
+        """From (V, C) codes in [0, 15] and (V, C/G) scales and zeros."""
+        with torch.device("meta"):
+            m = cls(codes.shape[0], codes.shape[1], group_size, dtype=scales.dtype)
+        m.qweight, m.scales, m.zeros = pack_int4(codes), scales, zeros.to(scales.dtype)
+        return m
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        codes = unpack_int4(F.embedding(ids, self.qweight)).unflatten(-1, (-1, self.group_size))
+        scales = F.embedding(ids, self.scales).to(dtype)[..., None]  # (..., C/G, 1)
+        zeros = F.embedding(ids, self.zeros).to(dtype)[..., None]
+        return ((codes.to(dtype) - 8) * scales + zeros).flatten(-2)

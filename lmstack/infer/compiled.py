@@ -87,10 +87,13 @@ def _compiled_step() -> Callable:
     """torch.compile of a code object of its own: dynamo keeps compiled code per code object,
     guarded by shapes and types but not by weight values, so sharing one would hand a later
     CompiledDecode the first one's frozen (maybe since changed) weights. No guards on the
-    model's modules and parameters: _Snapshot checks them before every step, far cheaper."""
+    model's modules and parameters: _Snapshot checks them before every step, far cheaper.
+    fullgraph: a graph break would leave parts of the step (or all of it, when dynamo gives up
+    on the frame) running eagerly, unannounced; it raises instead, and the step falls back to
+    the eager model with a warning that names it."""
     code = _decode_step.__code__.replace(co_name=f"decode_step_{next(_ids)}")
     skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
-    return torch.compile(types.FunctionType(code, _decode_step.__globals__),
+    return torch.compile(types.FunctionType(code, _decode_step.__globals__), fullgraph=True,
                          options={"guard_filter_fn": skip} if skip else None)
 
 

@@ -299,9 +299,48 @@ def run_engine(model_dir: Path, texts, args, tokenizer) -> dict:
                      cpu_seconds() - cpu)
 
 
+# ----------------------------------------------------------------------------- the bound
+
+def matmul_bound(model_dir: Path, texts, args, tokenizer) -> dict:
+    """The output tokens/s the workload would reach if the model's linear products were all it
+    cost: every weight (q/k/v and gate/up stacked, as the engine runs them) timed here as one
+    product, by F.linear or oneDNN's packed product, whichever is faster, for a decode step of
+    --concurrency rows and a prefill of --concurrency prompts at once; attention, sampling,
+    HTTP and everything else free. No target can pass it."""
+    import timeit
+
+    import torch
+    import torch.nn.functional as F
+
+    from lmstack.model.hf_config import config_from_hf
+
+    torch.set_num_threads(args.threads)
+    c = config_from_hf(json.loads((model_dir / "config.json").read_text()))
+    q_out, kv_out = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    per_layer = [(q_out + 2 * kv_out, c.dim), (c.dim, q_out), (2 * c.hidden_dim, c.dim), (c.dim, c.hidden_dim)]
+    prompt = statistics.mean(len(tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": t}], add_generation_prompt=True))) for t in texts)
+
+    def step_seconds(rows: int) -> float:
+        total = 0.0
+        for n, k in [*per_layer * c.n_layers, (c.vocab_size, c.dim)]:
+            x, w = torch.randn(rows, k), torch.randn(n, k)
+            ways = [functools.partial(F.linear, x, w)]
+            if torch.backends.mkldnn.is_available():
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+                ways.append(functools.partial(torch.ops.mkldnn._linear_pointwise, x, packed, None, "none", [], ""))
+            total += min(min(timeit.repeat(f, number=3, repeat=5)) / 3 for f in ways)
+        return total
+
+    decode, prefill = step_seconds(args.concurrency), step_seconds(round(args.concurrency * prompt))
+    seconds = prefill + (args.max_tokens - 1) * decode
+    return {"tok_s": args.concurrency * args.max_tokens / seconds, "decode_ms": 1e3 * decode,
+            "prefill_ms": 1e3 * prefill, "prompt_tokens": prompt}
+
+
 # ----------------------------------------------------------------------------- report
 
-def report(rows: list[dict], args) -> None:
+def report(rows: list[dict], args, bound: dict | None = None) -> None:
     print(f"\n{args.concurrency} concurrent streaming clients, {args.requests} requests, "
           f"{args.prompt_words}-word prompts, {args.max_tokens} output tokens each, greedy, "
           f"{args.preset} (random weights), {args.threads} threads per server")
@@ -321,6 +360,15 @@ def report(rows: list[dict], args) -> None:
     served = next((r["tok_s"] for r in rows if r["target"] == "lmstack serve"), None)
     if engine and served:
         print(f"\nlmstack serve reaches {served / engine:.0%} of the in-process engine's output tokens/s")
+    if bound:
+        print(f"\nmatmul bound (the linear products alone, measured in this run: a decode step of "
+              f"{args.concurrency} rows {bound['decode_ms']:.2f} ms, the prefill of {args.concurrency} "
+              f"prompts of {bound['prompt_tokens']:.0f} tokens {bound['prefill_ms']:.1f} ms): "
+              f"{bound['tok_s']:,.0f} output tokens/s")
+        for r in rows:
+            print(f"  {r['target']:42} {r['tok_s'] / bound['tok_s']:5.0%} of the bound")
+        if base:
+            print(f"  5x transformers serve would be {5 * base / bound['tok_s']:.0%} of it")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -342,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
                     print(json.dumps(row), flush=True)
                     if name not in best or row["tok_s"] > best[name]["tok_s"]:
                         best[name] = row
-        report(list(best.values()), args)
+        bound = matmul_bound(model_dir, texts, args, tokenizer)
+        report(list(best.values()), args, bound)
 
 
 if __name__ == "__main__":

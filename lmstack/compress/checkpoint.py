@@ -3,7 +3,7 @@
 A quantized directory holds
   model.safetensors    the quantized model's state_dict: for each quantized linear its integer
                        codes (`qweight`), `scales` and `zeros` (int4), and `bias`; an int8 token
-                       table's `qweight` and `scales`; the rest (norms, a float or tied table,
+                       table's `qweight`, `scales` (and int4's `zeros`); the rest (norms, a float or tied table,
                        linears kept in float) as they were
   config.json          the ModelConfig, as lmstack checkpoints store it, plus a `quantization`
                        section: {"method", "bits", "group_size", "kept": [linears left in float],
@@ -125,7 +125,7 @@ def load_quantized(path: str | Path, device: torch.device | str = "cpu",
 
 def empty_quantized(config: ModelConfig, section: dict) -> Transformer:
     """The Transformer of `config` on the meta device, with empty quantized linears in place of
-    every linear the section does not keep (and an empty int8 token table, if it says so)."""
+    every linear the section does not keep (and an empty int8 or int4 token table, if it says so)."""
     bits, group_size, kept = section["bits"], section["group_size"], set(section["kept"])
     embedding = section.get("embedding", "float")
     if bits not in (4, 8):

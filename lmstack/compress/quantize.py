@@ -8,9 +8,8 @@ Every nn.Linear (the projections and an untied output head) is replaced through
 embedding table by an Int8Embedding (int8 methods) or Int4Embedding (int4 ones, RTN in the same
 groups: a table's inputs are one-hot, so GPTQ has nothing to spread errors over);
 `embedding=` chooses otherwise. Norms and a tied table (which is the output head too) stay in
-float. A linear whose
-input width the int4 group size does not divide stays in float, with a warning; `quantize_`
-returns the names of such linears.
+float. A linear whose input width the int4 group size does not divide stays in float, with a
+warning; `quantize_` returns the names of such linears.
 
 Both int4 methods produce the same codes, scales and zeros (w = (q - 8) * scale + zero per
 group of inputs), so one Int4Linear serves both:

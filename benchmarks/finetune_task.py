@@ -33,7 +33,7 @@ import torch
 
 from lmstack.data.sft import Example, SFTBatches, load_sft
 from lmstack.finetune import apply_lora, base_weight_bytes, quantize_nf4
-from lmstack.model import ModelConfig, Transformer, generate, load_hf
+from lmstack.model import ModelConfig, Transformer, generate, load_hf, save_hf
 from lmstack.model.tokenizer import Tokenizer
 from lmstack.train import (
     CheckpointConfig,
@@ -135,7 +135,7 @@ def finetune(model: Transformer, tokenizer: Tokenizer, data: Path, method: str, 
     batches = SFTBatches(examples, args.batch_size, args.seq_len, seed=args.seed,
                          pad_id=tokenizer.pad_id or 0)
     cfg = train_config(args.max_time_s, args.max_steps, args.lr, args.batch_size, args.seq_len,
-                       args.seed)  # fp32: NF4 bases compute in bf16 themselves
+                       args.seed)  # fp32: NF4 bases pick their own product dtype
     start, cpu = time.perf_counter(), time.process_time()
     result = train(model, batches, cfg)
     out = {"steps": result.step, "minutes": (time.perf_counter() - start) / 60,
@@ -200,6 +200,10 @@ def run(args: argparse.Namespace) -> list[dict]:
               f"held-out sums right as plain text {plain_exact_match(base, tokenizer, test_pairs):.1%}",
               flush=True)
         base_state = {k: v.clone() for k, v in base.state_dict().items()}
+        save_hf(base, out / "base")
+        tokenizer.save(out / "base")
+        print(f"saved the base to {out / 'base'} (fine-tune it again with --base {out / 'base'})",
+              flush=True)
     rows = []
     for method in args.methods:
         model = load_hf(args.base) if args.base else new_base(tokenizer, args.preset, args.seed)

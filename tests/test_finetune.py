@@ -537,6 +537,29 @@ def test_exact_scales_are_no_worse_than_double_quantized_ones_and_both_are_4_bit
     assert exact.qweight.dtype == torch.uint8 and exact.qweight.shape == (512, 128)
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_products_multiply_in_fp32_on_a_cpu_without_native_bf16(native_bf16, double_quant,
+                                                                    monkeypatch):
+    """Same dequantized bf16 weight either way; only the dtype of the product changes."""
+    pytest.importorskip("torchao")
+    from lmstack.finetune import qlora
+    monkeypatch.setattr(qlora, "NATIVE_CPU_BF16", native_bf16)
+    dtype = torch.bfloat16 if native_bf16 else torch.float32
+    assert qlora.compute_dtype(torch.device("cpu")) == dtype
+    torch.manual_seed(0)
+    nf4 = NF4Linear.from_linear(torch.nn.Linear(128, 64), double_quant=double_quant)
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    y = nf4(x)
+    weight = nf4.dequantize()
+    assert weight.dtype == torch.bfloat16 and y.dtype == x.dtype
+    expect = torch.nn.functional.linear(x.detach().to(dtype), weight.to(dtype)) + nf4.bias.to(dtype)
+    assert torch.equal(y.detach(), expect.float())
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert torch.equal(x.grad, (grad.to(dtype) @ weight.to(dtype)).float())
+
+
 def test_qlora_over_exact_scales_trains_merges_and_reloads(tok, tmp_path):
     pytest.importorskip("torchao")
     model = tiny(tok)

@@ -2,7 +2,9 @@
 
 Each block of 64 weights is scaled by its absmax to [-1, 1] and each weight stored as the nearest
 of 16 NormalFloat levels (4 bits, two codes a byte). Products dequantize the weight to bf16 and
-compute in bf16; the weight takes no gradient. The block scales are kept one of two ways:
+multiply in bf16, or in fp32 on a CPU without native bf16 (`compute_dtype`: there bf16 products
+are emulated and several times slower, and the bf16 weight converts to fp32 exactly, so only the
+sums' precision changes); the weight takes no gradient. The block scales are kept one of two ways:
 
 - double_quant=True (the paper's default): `DoubleQuantNF4Linear`, torchao's `NF4Tensor`, whose
   scales are quantized again to int8 in groups (torchao always does this).
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.kernels import swap_linears
+from lmstack.model.cpu import NATIVE_CPU_BF16
 
 BLOCK_SIZE = 64
 """Weights per absmax block (the QLoRA paper's)."""
@@ -39,6 +42,12 @@ MAX_SCALER_BLOCK = 256
 """Block scales per double-quantization group; torchao needs it to divide the block count, so
 a weight of n blocks uses gcd(n, 256)."""
 COMPUTE_DTYPE = torch.bfloat16
+"""The dtype NF4 weights dequantize to (and are stored from)."""
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The dtype NF4 products multiply in: bf16, except fp32 on a CPU without native bf16."""
+    return torch.float32 if device.type == "cpu" and not NATIVE_CPU_BF16 else COMPUTE_DTYPE
 
 
 def require_nf4() -> None:
@@ -60,7 +69,7 @@ def nf4_levels(device: torch.device | str | None = None) -> torch.Tensor:
 
 class NF4Linear(nn.Module):
     """A frozen linear whose weight is stored as NF4 (see the module docstring for the two
-    storages); computes in bf16 and returns x's dtype. Subclasses store the weight, `product`
+    storages); multiplies in `compute_dtype` and returns x's dtype. Subclasses store the weight, `product`
     multiplies by it and `dequantize` returns it."""
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None):
@@ -78,7 +87,7 @@ class NF4Linear(nn.Module):
         return AbsmaxNF4Linear.quantize(w, linear.bias, block_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.product(x.to(COMPUTE_DTYPE))
+        y = self.product(x.to(compute_dtype(x.device)))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype)
@@ -215,11 +224,11 @@ class _NF4Product(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
                 levels: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(qweight, absmax, levels)
-        return F.linear(x, dequantize_codes(qweight, absmax, levels))
+        return F.linear(x, dequantize_codes(qweight, absmax, levels).to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ dequantize_codes(*ctx.saved_tensors), None, None, None
+        return grad @ dequantize_codes(*ctx.saved_tensors).to(grad.dtype), None, None, None
 
 
 NF4_LINEARS = (DoubleQuantNF4Linear, AbsmaxNF4Linear)

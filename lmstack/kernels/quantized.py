@@ -172,6 +172,11 @@ def _blocks_from_cpu_order(packed: torch.Tensor, n: int, K: int) -> torch.Tensor
     slots = _cpu_slot_rows(n)
     if slots is None:
         raise ValueError(f"blocks of {n} rows are not in the CPU int4 kernel's order")
+    if torch.equal(slots, torch.arange(n).view(2, n // 2).t().flatten()):
+        # byte j of an input column holds rows j (low nibble) and j + n/2: transpose the bytes,
+        # then each nibble is a contiguous half of the block, with no gather over codes
+        by_byte = packed.reshape(-1, K, n // 2).transpose(1, 2).contiguous()  # (blocks, n/2, K)
+        return torch.stack([by_byte & 15, by_byte >> 4], dim=1).reshape(-1, K)
     nibbles = unpack_int4(packed.reshape(-1, K, n // 2))  # (blocks, K, n) by slot
     return nibbles.transpose(1, 2)[:, slots.argsort()].reshape(-1, K)  # (blocks * n, K) by row
 

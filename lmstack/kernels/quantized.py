@@ -146,6 +146,13 @@ def _cpu_slot_rows(n: int) -> torch.Tensor | None:
 
 
 @functools.cache
+def _nibbles_hold_halves(n: int) -> bool:
+    """Whether byte j of an input column, in blocks of n rows, holds rows j (low nibble) and
+    j + n/2, as the converter writes whole blocks on x86 (read off its probe, not assumed)."""
+    return torch.equal(_cpu_slot_rows(n), torch.arange(n).view(2, n // 2).t().flatten())
+
+
+@functools.cache
 def cpu_block_rows() -> int:
     """Output rows per block of the CPU int4 kernel's order (the largest one-block probe)."""
     return max(n for n in (16, 32, 64, 128, 256) if _cpu_slot_rows(n) is not None)
@@ -172,9 +179,7 @@ def _blocks_from_cpu_order(packed: torch.Tensor, n: int, K: int) -> torch.Tensor
     slots = _cpu_slot_rows(n)
     if slots is None:
         raise ValueError(f"blocks of {n} rows are not in the CPU int4 kernel's order")
-    if torch.equal(slots, torch.arange(n).view(2, n // 2).t().flatten()):
-        # byte j of an input column holds rows j (low nibble) and j + n/2: transpose the bytes,
-        # then each nibble is a contiguous half of the block, with no gather over codes
+    if _nibbles_hold_halves(n):  # transpose the bytes; each nibble is then half a block, no gather
         by_byte = packed.reshape(-1, K, n // 2).transpose(1, 2).contiguous()  # (blocks, n/2, K)
         return torch.stack([by_byte & 15, by_byte >> 4], dim=1).reshape(-1, K)
     nibbles = unpack_int4(packed.reshape(-1, K, n // 2))  # (blocks, K, n) by slot

@@ -5,7 +5,9 @@ Per (N, K) shape: bf16 `F.linear`, `torch._weight_int8pack_mm` (int8 per output 
 `--working-set-mib` (default: more than server CPUs' last-level caches), taken in turn, so that
 every product reads its weight from memory, as a decode step does (a weight set that fits in
 the cache flatters the smaller formats most). Microseconds per
-product and the ratio to bf16, with the bandwidth measured in the same run.
+product, the ratio to bf16, and the share of the bandwidth bound each reaches (its weight's
+bytes over the bandwidth measured in the same run, divided by its time): how far a decode step
+on that kernel can come to the bound at all.
 
     .venv/bin/python benchmarks/quantized_kernels.py --threads 2
 
@@ -43,8 +45,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    bandwidth = measured_bandwidth()
     print(f"{args.threads} threads, {args.working_set_mib} MiB of weights per format and shape, bandwidth "
-          f"{measured_bandwidth() / 1e9:.1f} GB/s measured; microseconds per product (x bf16)\n")
+          f"{bandwidth / 1e9:.1f} GB/s measured; microseconds per product (x bf16, share of the "
+          "bandwidth bound)\n")
     print("| N x K | bf16 F.linear | int8 _weight_int8pack_mm | int4 _weight_int4pack_mm_for_cpu, group 128 |")
     print("|---|---:|---:|---:|")
     for N, K in SHAPES:
@@ -64,7 +68,10 @@ def main() -> None:
             q4 = per_product_us([functools.partial(torch._weight_int4pack_mm_for_cpu, x, q, GROUP, scales_zeros)
                                  for q in int4])
             del int4
-        print(f"| {N} x {K} | {base:.1f} | {q8:.1f} ({base / q8:.2f}) | {q4:.1f} ({base / q4:.2f}) |")
+        shares = [f"{nbytes / bandwidth / (us * 1e-6):.0%}" for nbytes, us in
+                  ((2 * N * K, base), (N * K + scales.nbytes, q8), (N * K // 2 + scales_zeros.nbytes, q4))]
+        print(f"| {N} x {K} | {base:.1f} ({shares[0]}) | {q8:.1f} ({base / q8:.2f}x, {shares[1]}) "
+              f"| {q4:.1f} ({base / q4:.2f}x, {shares[2]}) |")
 
 
 if __name__ == "__main__":

@@ -217,6 +217,31 @@ def test_compiled_decode_falls_back_to_eager_when_compilation_fails(model, refer
     assert_all_free(llm)
 
 
+@pytest.mark.parametrize("probe_steps", [0, 2])
+def test_a_variant_that_fails_to_compile_leaves_the_other_running(model, reference, probe_steps):
+    """Only the frozen-weight graphs fail (as inductor's C++-template-only options do for an int4
+    product on a CPU without AVX-512): the packed-weight graphs run the decode steps (or eager,
+    where a probe finds it faster), with one warning naming the frozen graphs, and the tokens
+    stay the reference."""
+    llm = LLM(model, compile=True, compile_cache=CompileCache(), compile_probe_steps=probe_steps,
+              compile_frozen_rows=64, enable_prefix_caching=False)  # the rows rule says frozen
+    decode, packed_calls = llm.runner.decode, []
+
+    def broken(*args, **kwargs):
+        raise torch._dynamo.exc.TorchDynamoException("no choices for this op")
+
+    packed = decode.graph
+    decode.frozen = broken
+    decode.graph = lambda *a: packed_calls.append(1) or packed(*a)
+    with pytest.warns(RuntimeWarning, match="frozen-weight graphs: compilation failed .*no choices"):
+        outs = llm.generate(mixed_prompts(), GREEDY)
+    assert [o.token_ids for o in outs] == reference
+    assert decode.eager_reason is None and set(decode.failed) == {Variant.FROZEN}
+    assert packed_calls  # the packed-weight graphs ran steps
+    assert all(Variant.FROZEN not in p.candidates for p in decode.probes.values())
+    assert_all_free(llm)
+
+
 def test_decode_variant_is_a_pure_function_of_the_step():
     """Frozen weights up to 2 rows per byte of a weight element (8 fp32, 4 bf16), oneDNN's packed
     products above, on CPU; CUDA has only frozen graphs."""

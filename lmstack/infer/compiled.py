@@ -26,8 +26,11 @@ is the eager model, with one warning. `probe_steps=0` times nothing and follows 
 Frozen weights are copies: if the model's weights change after the first compiled step (an
 optimizer step, `load_state_dict`, a LoRA merge), frozen graphs would compute with the old
 ones. Every step therefore checks each weight's identity, data pointer and version counter and,
-once anything changed, runs the eager model from then on (with a warning). A failed compilation
-does the same. Either way the tokens stay right; only the speed is lost.
+once anything changed, runs the eager model from then on (with a warning). A variant whose
+compilation fails is dropped (with a warning) and the other one runs its steps (CPU; e.g. the
+frozen graphs allow only inductor's C++ templates, which have no int4 product on CPUs without
+AVX-512, where the packed-weight graphs call ATen's kernel); once every variant has failed, the
+eager model runs. Either way the tokens stay right; only the speed is lost.
 The compiled code and its weight copies stay in memory until the process ends, even after the
 engine is gone, so engines share one CompiledDecode per model through a `CompileCache`.
 """
@@ -143,6 +146,12 @@ class _Probe:
     def ready(self, probe_steps: int) -> bool:
         return all(len(self.timings.get(c, ())) >= probe_steps for c in self.candidates)
 
+    def drop(self, failed) -> None:
+        """Take the `failed` variants out of the running (and out of a verdict for one)."""
+        self.candidates = tuple(c for c in self.candidates if c not in failed)
+        if self.choice in failed:
+            self.decided, self.choice = False, EAGER
+
     def decide(self) -> None:
         """Keep the candidate of the lowest best time per row (the earlier one on a tie)."""
         best = {c: min(self.timings[c]) for c in self.candidates}
@@ -169,6 +178,8 @@ class CompiledDecode:
         self.snapshot: _Snapshot | None = None  # the weights the compiler froze: taken at the first step
         self.eager_reason: str | None = None
         """Why decode steps now run eagerly; None while they run compiled."""
+        self.failed: dict[Variant, str] = {}
+        """Variants whose compilation failed, and why: they run no more steps."""
 
     @property
     def current(self) -> bool:
@@ -188,11 +199,13 @@ class CompiledDecode:
         rows = lanes * width
         rule = decode_variant(rows, self.max_frozen_rows, self.on_cpu)
         if not self.probe_steps:
-            return self._steps[rule], True
+            return self._steps[self._usable()[0] if rule in self.failed else rule], True
         probe = self.probes.get((rule, lanes == 1, width))
         if probe is None:
             others = [v for v in Variant if v is not rule] if self.on_cpu else []
             probe = self.probes[rule, lanes == 1, width] = _Probe((rule, *others, EAGER))
+        if any(c in self.failed for c in probe.candidates):
+            probe.drop(self.failed)
         if not probe.decided and probe.ready(self.probe_steps):
             probe.decide()
             self._report(probe, lanes == 1, width)
@@ -241,9 +254,21 @@ class CompiledDecode:
             with torch._inductor.config.patch(options):
                 return step(model, tokens, positions, cache, logits_index)
         except torch._dynamo.exc.TorchDynamoException as e:  # the compiler's, not the step's
-            self._run_eager(f"compilation failed ({type(e).__name__}: {str(e).splitlines()[0]})")
+            self._fail(variant, f"compilation failed ({type(e).__name__}: {str(e).splitlines()[0]})")
             eager = dataclasses.replace(cache, attention="gather")  # "flex" is for traced code
             return self.model(tokens, positions, cache=eager, logits_index=logits_index)
+
+    def _usable(self) -> list[Variant]:
+        """The variants that have not failed (on CUDA only frozen graphs run)."""
+        return [v for v in Variant if v not in self.failed and (self.on_cpu or v is Variant.FROZEN)]
+
+    def _fail(self, variant: Variant, reason: str) -> None:
+        self.failed[variant] = reason
+        if not self._usable():
+            self._run_eager(reason)
+        else:
+            warnings.warn(f"compiled decode: {variant.value} graphs: {reason}; steps run the other "
+                          "compiled variant (or eagerly, where that is faster)", RuntimeWarning, stacklevel=4)
 
     @staticmethod
     def _mark_dynamic(tokens, positions, cache, logits_index) -> None:

@@ -29,8 +29,9 @@ ones. Every step therefore checks each weight's identity, data pointer and versi
 once anything changed, runs the eager model from then on (with a warning). A variant whose
 compilation fails is dropped (with a warning) and the other one runs its steps (CPU; e.g. the
 frozen graphs allow only inductor's C++ templates, which have no int4 product on CPUs without
-AVX-512, where the packed-weight graphs call ATen's kernel); once every variant has failed, the
-eager model runs. Either way the tokens stay right; only the speed is lost.
+AVX-512, where the packed-weight graphs call ATen's int4 kernel on bf16 activations); once every
+variant has failed, the eager model runs. Either way the tokens stay right; only the speed is
+lost.
 The compiled code and its weight copies stay in memory until the process ends, even after the
 engine is gone, so engines share one CompiledDecode per model through a `CompileCache`.
 """

@@ -169,36 +169,24 @@ def test_compiled_decode_builds_one_graph_for_every_batch_of_several_lanes(monke
 
 
 @pytest.mark.parametrize("lanes", [1, 2, 6])
-def test_compiled_bf16_decode_step_matches_eager_logits(lanes):
+def test_compiled_bf16_decode_step_matches_eager_logits(lanes, decode_step_logits):
     """bf16 decode steps through inductor give the eager step's logits up to bf16 rounding, for
     a short and a longer context (one graph: the key dimension is dynamic). On CPU one or two
     lanes run inductor's C++ GEMM on frozen weights, six lanes oneDNN's packed linears (if this
     CPU packs bf16)."""
     from lmstack.infer import compiled
-    from lmstack.infer.step import StepRow, prepare_step
-    from lmstack.model.paged import PagedKVCache
 
     model = build("tiny-llama").to(torch.bfloat16)
     swap_linears(model, CPU_PACKED)
-    kv = PagedKVCache.for_model(model, num_blocks=8 * lanes, block_size=4)
     step = compiled.CompiledDecode(model, probe_steps=0)
-    torch.manual_seed(0)
-    kv.k = [torch.randn_like(t) for t in kv.k]  # some context to attend to
-    kv.v = [torch.randn_like(t) for t in kv.v]
-    with torch.inference_mode(), torch.profiler.profile() as prof:
-        for computed in (5, 21):
-            rows = [StepRow([7 + i], list(range(8 * i, 8 * i + 8)), computed - i % 3)
-                    for i in range(lanes)]
-            tokens, positions, meta = prepare_step(kv, rows, "cpu", fill_lanes=True)
-            eager = model(tokens, positions, cache=meta, logits_index=meta.logits_index).float()
-            run, is_compiled = step.step_for(lanes, 1)
-            assert is_compiled
-            tokens, positions, meta = prepare_step(kv, rows, "cpu", fill_lanes=True, compiled=True)
-            out = run(tokens, positions, meta, meta.logits_index).float()
-            assert step.eager_reason is None
-            scale = eager.abs().max()
-            assert (out - eager).abs().max() <= 0.05 * scale  # measured: 0.006-0.012
-            assert (out - eager).abs().mean() <= 0.01 * scale  # measured: 0.0015-0.0026
+    with torch.profiler.profile() as prof:
+        results = decode_step_logits(model, step, lanes)
+    assert step.eager_reason is None
+    for out, eager, is_compiled in results:
+        assert is_compiled
+        scale = eager.abs().max()
+        assert (out - eager).abs().max() <= 0.05 * scale  # measured: 0.006-0.012
+        assert (out - eager).abs().mean() <= 0.01 * scale  # measured: 0.0015-0.0026
     packed_op = any(e.name == "lmstack::packed_linear" for e in prof.events())
     assert packed_op == (lanes > compiled.frozen_max_rows(torch.bfloat16) == 4)
 

@@ -436,34 +436,22 @@ def test_compiled_decode_of_an_int8_model_compiles_and_keeps_the_tokens(bf16_dir
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lanes", [1, 3])
-def test_compiled_decode_step_of_an_int4_model_matches_eager_logits(lanes):
+def test_compiled_decode_step_of_an_int4_model_matches_eager_logits(lanes, decode_step_logits):
     """The packed-weight graphs (which call ATen's int4 kernel on every CPU) give a bf16 int4
     model's eager logits up to bf16 rounding, as compiled bf16 steps do
     (tests/test_engine.py): inductor fuses the rest of the step, which rounds differently, so
     greedy tokens of a random model may part at a near-tie and are not compared."""
     from lmstack.infer import compiled
-    from lmstack.infer.step import StepRow, prepare_step
-    from lmstack.model.paged import PagedKVCache
 
     model = quantized("int4", torch.bfloat16)
-    kv = PagedKVCache.for_model(model, num_blocks=8 * lanes, block_size=4)
     step = compiled.CompiledDecode(model, probe_steps=0, max_frozen_rows=0)  # every step packed
-    torch.manual_seed(0)
-    kv.k = [torch.randn_like(t) for t in kv.k]  # some context to attend to
-    kv.v = [torch.randn_like(t) for t in kv.v]
-    with torch.inference_mode():
-        for computed in (5, 21):
-            rows = [StepRow([7 + i], list(range(8 * i, 8 * i + 8)), computed - i % 3)
-                    for i in range(lanes)]
-            tokens, positions, meta = prepare_step(kv, rows, "cpu", fill_lanes=True)
-            eager = model(tokens, positions, cache=meta, logits_index=meta.logits_index).float()
-            run, is_compiled = step.step_for(lanes, 1)
-            tokens, positions, meta = prepare_step(kv, rows, "cpu", fill_lanes=True, compiled=True)
-            out = run(tokens, positions, meta, meta.logits_index).float()
-            assert is_compiled and step.failed == {} and step.eager_reason is None
-            scale = eager.abs().max()
-            assert (out - eager).abs().max() <= 0.05 * scale  # measured: 0.005-0.012
-            assert (out - eager).abs().mean() <= 0.01 * scale  # measured: 0.0016-0.0026
+    results = decode_step_logits(model, step, lanes)
+    assert step.failed == {} and step.eager_reason is None
+    for out, eager, is_compiled in results:
+        assert is_compiled
+        scale = eager.abs().max()
+        assert (out - eager).abs().max() <= 0.05 * scale  # measured: 0.005-0.012
+        assert (out - eager).abs().mean() <= 0.01 * scale  # measured: 0.0016-0.0026
 
 
 @pytest.mark.slow
